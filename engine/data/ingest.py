@@ -1,0 +1,161 @@
+"""`sift ingest`: user files -> validated `examples.parquet` + `quarantine.parquet` + `summary.json`.
+
+Ray Data reads the files in parallel (one task per file, streaming batches) into a staging
+folder; polars then validates the staged rows as a whole (duplicate ids need every row), writes
+both outputs in input order, and checks the accounting `rows_in == rows_out + rows_quarantined`.
+A rerun with the same inputs and settings finds `summary.json` and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from engine import runtime
+from engine.config import IngestConfig
+from engine.data import readers
+from engine.data.schema import COLUMNS, QUARANTINE_SCHEMA, RAW_SCHEMA
+from engine.data.validate import with_reasons
+from engine.errors import SiftError
+
+EXAMPLES = "examples.parquet"
+QUARANTINE = "quarantine.parquet"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class IngestSummary:
+    out: str
+    fingerprint: str
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)  # path, rows_in, rows_out, rows_quarantined
+    tasks: dict[str, int] = field(default_factory=dict)  # kept rows per task
+    reused: bool = False
+
+
+def ingest(cfg: IngestConfig) -> IngestSummary:
+    if cfg.out is None:
+        raise SiftError("ingest needs an output folder (--out DIR)")
+    sources = readers.resolve(cfg.inputs)
+    for source in sources:
+        readers.preflight(source, cfg)
+    out = Path(cfg.out)
+    fingerprint = _fingerprint(sources, cfg)
+    previous = _load_summary(out)
+    if previous and previous.fingerprint == fingerprint and not cfg.force:
+        previous.reused = True
+        return previous
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / "_staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    runtime.start(cfg.runtime)
+    _read_to_staging(sources, cfg, staging)
+    summary = _validate_and_write(staging, out, sources, cfg, fingerprint)
+    shutil.rmtree(staging, ignore_errors=True)
+    if summary.rows_out == 0:
+        raise SiftError(f"no valid rows: all {summary.rows_in} rows were quarantined (see {out / QUARANTINE})")
+    return summary
+
+
+def _read_to_staging(sources: list[readers.Source], cfg: IngestConfig, staging: Path) -> None:
+    import ray
+
+    items = [{"path": s.path, "format": s.format, "index": s.index} for s in sources]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg})
+    ds.write_parquet(str(staging))
+
+
+def _read_files(batch, cfg: IngestConfig):
+    """Ray Data UDF: one file spec in, its raw rows out (a file error travels as a fatal row)."""
+    for spec in batch.to_pylist():
+        source = readers.Source(spec["path"], spec["format"], spec["index"])
+        try:
+            yield from readers.read_source(source, cfg)
+        except SiftError as exc:
+            yield readers.fatal_table(source.path, str(exc))
+
+
+def _validate_and_write(staging: Path, out: Path, sources, cfg: IngestConfig, fingerprint: str) -> IngestSummary:
+    files = sorted(staging.glob("*.parquet"))
+    raw = pl.scan_parquet(files) if files else pl.LazyFrame(schema=pl.Schema(RAW_SCHEMA))
+    fatal = raw.filter(pl.col("order") == readers.FATAL_ORDER).select("reason").head(1).collect()
+    if fatal.height:
+        raise SiftError(fatal["reason"][0])
+
+    checked = with_reasons(raw, cfg.max_chars, cfg.labels).sort("order").with_columns(
+        file=(pl.col("order") // (1 << readers.ROW_BITS)).cast(pl.Int64)
+    ).collect()
+    kept = checked.filter(pl.col("reason").is_null())
+    quarantined = checked.filter(pl.col("reason").is_not_null())
+    kept.select(COLUMNS).write_parquet(out / EXAMPLES)
+    quarantined.select(QUARANTINE_SCHEMA.names).write_parquet(out / QUARANTINE)
+
+    per_file = checked.group_by("file").agg(
+        rows_in=pl.len(), rows_quarantined=pl.col("reason").is_not_null().sum()
+    )
+    by_file = {row["file"]: row for row in per_file.iter_rows(named=True)}
+    summary = IngestSummary(
+        out=str(out),
+        fingerprint=fingerprint,
+        rows_in=checked.height,
+        rows_out=kept.height,
+        rows_quarantined=quarantined.height,
+        reasons=_counts(quarantined, pl.col("reason").str.replace(r" \(.*", "")),
+        sources=[
+            {
+                "path": s.path,
+                "rows_in": by_file.get(s.index, {}).get("rows_in", 0),
+                "rows_quarantined": by_file.get(s.index, {}).get("rows_quarantined", 0),
+            }
+            for s in sources
+        ],
+        tasks=_counts(kept, pl.col("task").fill_null("(none)")),
+    )
+    for s in summary.sources:
+        s["rows_out"] = s["rows_in"] - s["rows_quarantined"]
+    if summary.rows_in != summary.rows_out + summary.rows_quarantined:
+        raise AssertionError(f"ingest lost rows: {summary}")
+    (out / SUMMARY).write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def _counts(frame: pl.DataFrame, key: pl.Expr) -> dict[str, int]:
+    counted = frame.group_by(key.alias("key")).len().sort(["len", "key"], descending=[True, False])
+    return dict(zip(counted["key"].to_list(), counted["len"].to_list()))
+
+
+def _fingerprint(sources: list[readers.Source], cfg: IngestConfig) -> str:
+    """Inputs (path, size, mtime) and the settings that change the result."""
+    h = hashlib.sha256()
+    for s in sources:
+        stat = os.stat(s.path)
+        h.update(f"{s.path}|{s.format}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    settings = cfg.model_dump(mode="json", exclude={"out", "force", "runtime", "inputs"})
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_summary(out: Path) -> IngestSummary | None:
+    path = out / SUMMARY
+    if not (path.is_file() and (out / EXAMPLES).is_file() and (out / QUARANTINE).is_file()):
+        return None
+    return IngestSummary(**json.loads(path.read_text()))
+
+
+def read_examples(folder: str | os.PathLike) -> pl.DataFrame:
+    """The validated examples of an ingest folder."""
+    path = Path(folder) / EXAMPLES
+    if not path.is_file():
+        raise SiftError(f"{folder}: no {EXAMPLES}; run `sift ingest` first")
+    return pl.read_parquet(path)

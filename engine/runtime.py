@@ -1,0 +1,141 @@
+"""Ray for sift: an embedded local Ray on loopback, or the cluster named by RAY_ADDRESS.
+
+Also the one place that sizes actor pools. A Ray Data actor pool that reserves every CPU starves
+the read tasks feeding it and hangs forever (seen with 2 actors on 2 CPUs), so pools always leave
+CPU for the readers, using fractional CPUs per actor when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import RuntimeConfig
+from engine.errors import SiftError
+
+# Set before Ray is imported anywhere: bind every Ray port to 127.0.0.1, send no usage stats,
+# never reach a model hub, and keep idle OpenMP threads from spinning on a small machine.
+ENV_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _key, _value in ENV_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+import ray  # noqa: E402  (must follow the environment defaults above)
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    mode: str  # "embedded" or "cluster"
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+
+
+def start(cfg: RuntimeConfig | None = None) -> RayInfo:
+    """Connect to `cfg.address` / RAY_ADDRESS, else start an embedded Ray bound to loopback."""
+    cfg = cfg or RuntimeConfig()
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        common: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            try:
+                ray.init(address=address, **common)
+            except ConnectionError as exc:
+                raise SiftError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+        else:
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                num_gpus=cfg.num_gpus,
+                include_dashboard=False,
+                _node_ip_address=LOOPBACK,
+                **common,
+            )
+    _quiet_ray_data_logs()
+    return info()
+
+
+def _quiet_ray_data_logs() -> None:
+    """Ray Data draws progress bars on a terminal; elsewhere (CI, logs) its per-second progress
+    lines drown the output, so keep only its warnings there."""
+    if not sys.stderr.isatty():
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def stop() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def info() -> RayInfo:
+    resources = ray.cluster_resources()
+    mode = "cluster" if (os.environ.get("RAY_ADDRESS") or _connected_remotely()) else "embedded"
+    return RayInfo(
+        mode=mode,
+        address=ray.get_runtime_context().gcs_address,
+        nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+        cpus=resources.get("CPU", 0.0),
+        gpus=resources.get("GPU", 0.0),
+    )
+
+
+def _connected_remotely() -> bool:
+    return not ray.get_runtime_context().gcs_address.startswith(LOOPBACK)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """How many actors a Ray Data stage gets and what each one reserves."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int  # torch threads per actor: physical cores per actor on this node, at least 1
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        return dict(
+            compute=ray.data.ActorPoolStrategy(size=self.size),
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+        )
+
+
+def actor_pool(
+    cpus: float,
+    gpus: float = 0.0,
+    max_actors: int | None = None,
+    use_gpu: bool = True,
+    reserve_cpus: float = 1.0,
+) -> PoolSize:
+    """Size an actor pool from the resources Ray reports (see `info()`).
+
+    One actor per GPU when GPUs are used. On CPUs, `reserve_cpus` stay free for read tasks
+    (half the CPUs on a one-core machine); the rest are shared by the actors, fractionally if
+    more actors are asked for than whole CPUs remain.
+    """
+    if cpus <= 0:
+        raise SiftError("Ray reports no CPUs; cannot schedule any work")
+    if max_actors is not None and max_actors < 1:
+        raise SiftError(f"max_actors must be at least 1, got {max_actors}")
+    budget = max(cpus - reserve_cpus, cpus / 2)
+    if use_gpu and gpus >= 1:
+        size = min(int(gpus), max_actors or int(gpus))
+        per_cpu = min(1.0, budget / size)
+        return PoolSize(size, per_cpu, 1.0, max(1, math.floor(cpus / size)))
+    size = max_actors or max(1, math.floor(budget))
+    per_cpu = min(1.0, budget / size)
+    return PoolSize(size, round(per_cpu, 4), 0.0, max(1, math.floor(cpus / size)))
+
