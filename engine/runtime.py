@@ -28,6 +28,10 @@ ENV_DEFAULTS = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Ray Data draws progress bars on a terminal; elsewhere (CI, logs) its per-second progress lines
+# drown the output, so keep only its warnings there.
+if not sys.stderr.isatty():
+    ENV_DEFAULTS["RAY_DATA_LOG_LEVEL"] = "WARNING"
 for _key, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
@@ -64,15 +68,7 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
                 _node_ip_address=LOOPBACK,
                 **common,
             )
-    _quiet_ray_data_logs()
     return info()
-
-
-def _quiet_ray_data_logs() -> None:
-    """Ray Data draws progress bars on a terminal; elsewhere (CI, logs) its per-second progress
-    lines drown the output, so keep only its warnings there."""
-    if not sys.stderr.isatty():
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def stop() -> None:

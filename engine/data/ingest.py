@@ -159,3 +159,17 @@ def read_examples(folder: str | os.PathLike) -> pl.DataFrame:
     if not path.is_file():
         raise SiftError(f"{folder}: no {EXAMPLES}; run `sift ingest` first")
     return pl.read_parquet(path)
+
+
+def show(summary: IngestSummary) -> None:
+    """Summary tables: rows per source, quarantine reasons, kept rows per task."""
+    from engine.report import table
+
+    note = " (reused: inputs unchanged)" if summary.reused else ""
+    table(f"Ingest -> {summary.out}{note}", ["source", "rows in", "kept", "quarantined"], [
+        *[(s["path"], s["rows_in"], s["rows_out"], s["rows_quarantined"]) for s in summary.sources],
+        ("total", summary.rows_in, summary.rows_out, summary.rows_quarantined),
+    ])
+    if summary.reasons:
+        table("Quarantine reasons", ["reason", "rows"], summary.reasons.items())
+    table("Kept rows per task", ["task", "rows"], summary.tasks.items())

@@ -122,6 +122,9 @@ def preflight(source: Source, cfg: IngestConfig) -> None:
         header = next(_csv_records(source.path, cfg.encoding, source.format, header_only=True), None)
         if header is None:
             raise SiftError(f"{source.path}: file holds no header row")
+        if cfg.columns.text not in header[1]:
+            raise SiftError(f"{source.path}: no {cfg.columns.text!r} column (columns: {', '.join(header[1])}); "
+                            "set columns.text")
 
 
 def _check_encoding(path: str, sample: bytes, encoding: str) -> None:

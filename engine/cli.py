@@ -1,0 +1,108 @@
+"""`sift`: thin commands over the engine's layers. A `SiftError` prints as one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import SiftError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 0
+    try:
+        args.run(args)
+    except SiftError as exc:
+        print(f"sift: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sift: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sift", description="Choose the data to fine-tune language models on.")
+    sub = parser.add_subparsers(title="commands")
+
+    doctor = sub.add_parser("doctor", help="show Ray mode, resources, backends, cached models and corpora")
+    doctor.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray)")
+    doctor.set_defaults(run=_doctor)
+
+    ingest = sub.add_parser("ingest", help="validate input files into examples.parquet + quarantine.parquet")
+    ingest.add_argument("inputs", nargs="+", metavar="INPUT", help="jsonl/csv/tsv/parquet files, folders, globs")
+    ingest.add_argument("--out", required=True, type=Path)
+    ingest.add_argument("--text-column", dest="columns.text")
+    ingest.add_argument("--id-column", dest="columns.id")
+    ingest.add_argument("--task-column", dest="columns.task")
+    ingest.add_argument("--label-column", dest="columns.label")
+    ingest.add_argument("--encoding")
+    ingest.add_argument("--max-chars", dest="max_chars", type=int)
+    ingest.add_argument("--labels", type=lambda s: s.split(","), help="comma-separated allowed labels")
+    ingest.add_argument("--force", action="store_true", default=None, help="redo even if OUT is up to date")
+    _common(ingest)
+    ingest.set_defaults(run=_ingest)
+
+    demo = sub.add_parser("demo", help="run sift on the built-in corpora (embedded Ray)")
+    demo.add_argument("--out", type=Path)
+    _common(demo)
+    demo.set_defaults(run=_demo)
+
+    models = sub.add_parser("models", help="build the built-in models into the cache")
+    models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
+    models.set_defaults(run=_models)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config; flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set runtime.num_cpus=2")
+    p.add_argument("--address", dest="runtime.address", help="Ray address (default: RAY_ADDRESS or embedded)")
+
+
+def _overrides(args: argparse.Namespace, skip: tuple[str, ...] = ("run", "config", "set")) -> dict[str, Any]:
+    from engine.config import parse_set_flags
+
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    flags.update(parse_set_flags(args.set))
+    return flags
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from engine import doctor
+    from engine.config import RuntimeConfig
+
+    doctor.run(RuntimeConfig(address=args.address))
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from engine.config import IngestConfig, load_config
+    from engine.data.ingest import ingest, show
+
+    show(ingest(load_config(IngestConfig, args.config, _overrides(args))))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from engine import demo
+    from engine.config import DemoConfig, load_config
+
+    demo.run(load_config(DemoConfig, args.config, _overrides(args)))
+
+
+def _models(args: argparse.Namespace) -> None:
+    from engine.models import builtin
+    from engine.report import table
+
+    names = args.names or list(builtin.BUILDERS)
+    table("Built-in models", ["name", "folder"], [(n, str(builtin.resolve(n))) for n in names])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

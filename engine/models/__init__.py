@@ -1,0 +1,1 @@
+"""Local Hugging Face models: loading (safetensors only), LoRA/QLoRA wrapping, built-in models."""
