@@ -17,7 +17,7 @@ from engine.report import table
 def run(cfg: RuntimeConfig) -> None:
     info = runtime.start(cfg)
     pool = runtime.actor_pool(info.cpus, info.gpus)
-    table("Ray", ["", ""], [
+    table("Ray", None, [
         ("mode", info.mode),
         ("address", info.address),
         ("nodes", info.nodes),

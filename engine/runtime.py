@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         common: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, **common)
             except ConnectionError as exc:
@@ -69,6 +71,17 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
                 **common,
             )
     return info()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes: Ray retries an unreachable GCS for a long time."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise SiftError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
 def stop() -> None:

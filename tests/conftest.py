@@ -4,12 +4,18 @@ helpers that write small real input files."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from engine import runtime
 from engine.config import RuntimeConfig
+
+
+# Ray workers unpickle test-defined UDFs by module name (tests.test_x): let them import `tests`.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

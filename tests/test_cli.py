@@ -1,0 +1,40 @@
+"""The `sift` console script end to end, as a user runs it (fresh processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SIFT = str(Path(sys.executable).parent / "sift")
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([SIFT, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_doctor_reports_ray_and_backends():
+    done = _run("doctor")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "embedded" in out and "127.0.0.1:" in out
+    for line in ("CPUs", "faiss-gpu", "vllm (serving)", "bitsandbytes CPU", "smollm2-135m", "wordnet"):
+        assert line in out
+
+
+def test_demo_ingests_corpora_and_prints_summary(tmp_path):
+    done = _run("demo", "--out", str(tmp_path / "demo"), "--set", "corpora=[chatterbot, fortunes]")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Built-in corpora after ingest" in done.stdout
+    assert "duplicate id" in done.stdout  # chatterbot repeats Q/A pairs: quarantined, not lost
+    assert (tmp_path / "demo" / "ingest" / "examples.parquet").is_file()
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path):
+    done = _run("ingest", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"sift: error: no such file or folder: {tmp_path / 'missing.jsonl'}"
+    bad = _run("demo", "--set", "corpora=[news]")
+    assert bad.returncode == 2 and "config error" in bad.stderr and "corpora.0" in bad.stderr
