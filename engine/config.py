@@ -50,6 +50,53 @@ class IngestConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
+class LoraSpec(StrictModel):
+    """A LoRA adapter; the same spec and seed give the same initial adapter anywhere."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: list[int] | None = Field(None, description="transformer layers to adapt; default all")
+    seed: int = 0
+
+
+class FeaturizeConfig(StrictModel):
+    """What embedding and gradient featurization share: sharding, batching, the store."""
+
+    data: Path | None = Field(None, description="an ingest folder (examples.parquet) or a parquet file")
+    out: Path | None = None
+    model: str | None = None
+    shard_rows: PositiveInt = Field(1024, description="rows per store shard: the unit of resumption")
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 256
+    dtype: Literal["float32", "float16"] = "float32"
+    actors: PositiveInt | None = Field(None, description="actor pool size; default: sized from Ray's resources")
+    trust_remote_code: bool = False
+    force: bool = Field(False, description="discard an existing store at OUT and start over")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class EmbedConfig(FeaturizeConfig):
+    model: str | None = "minilm"
+    normalize: bool = Field(True, description="L2-normalise embeddings (cosine = inner product)")
+    batch_size: PositiveInt = 64
+
+
+class GradsConfig(FeaturizeConfig):
+    adapter: Path | None = Field(None, description="a PEFT adapter folder as the anchor; default: a fresh seeded LoRA")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantize: Literal["none", "nf4"] = "none"
+    dim: PositiveInt = Field(400, description="projection dimension d")
+    seed: int = Field(0, description="projection seed")
+    method: Literal["hooks", "vmap", "loop"] = "hooks"
+    prompt: str = Field("{text}\nAnswer:", description="format string over the row's text, task, label")
+    answer: str = Field(" {label}", description="format string of the gold answer")
+    batch_size: PositiveInt = 8
+    max_length: PositiveInt = 128
+    projection_cache_mb: float = Field(2048, gt=0)
+
+
 class DemoConfig(StrictModel):
     corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
         default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]

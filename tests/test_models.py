@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.errors import SiftError
+from engine.config import LoraSpec
 from engine.models import builtin, load, lora
 
 
@@ -29,7 +30,7 @@ def test_tiny_llama_is_seeded_and_finite(tiny):
 
 def test_lora_is_seeded_and_only_adapters_train(tiny):
     path, _ = tiny
-    spec = lora.LoraSpec(r=4, seed=7)
+    spec = LoraSpec(r=4, seed=7)
     one = lora.add_lora(load.load_causal_lm(path), spec)
     two = lora.add_lora(load.load_causal_lm(path), spec)
     other = lora.add_lora(load.load_causal_lm(path), spec.model_copy(update={"seed": 8}))
@@ -42,7 +43,7 @@ def test_lora_is_seeded_and_only_adapters_train(tiny):
 
 def test_qlora_backward_on_cpu(tiny):
     path, tok = tiny
-    model = lora.add_lora(load.load_causal_lm(path, quantize="nf4"), lora.LoraSpec(r=4))
+    model = lora.add_lora(load.load_causal_lm(path, quantize="nf4"), LoraSpec(r=4))
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     model.train()
     batch = tok(["a quantized model still learns"], return_tensors="pt")
@@ -57,7 +58,7 @@ def test_qlora_backward_on_cpu(tiny):
 
 def test_adapter_roundtrip_in_safetensors(tiny, tmp_path):
     path, tok = tiny
-    model = lora.add_lora(load.load_causal_lm(path), lora.LoraSpec(r=4, seed=3))
+    model = lora.add_lora(load.load_causal_lm(path), LoraSpec(r=4, seed=3))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -87,7 +88,7 @@ def test_safetensors_only_and_clear_model_errors(tmp_path):
 
 def test_adapter_of_another_model_is_named(tiny, tmp_path):
     path, _ = tiny
-    smol = lora.add_lora(load.load_causal_lm(builtin.smollm2_135m()), lora.LoraSpec(r=4))
+    smol = lora.add_lora(load.load_causal_lm(builtin.smollm2_135m()), LoraSpec(r=4))
     smol.save_pretrained(tmp_path / "smol-adapter")
     with pytest.raises(SiftError, match="smol-adapter: adapter does not fit this model"):
         lora.load_adapter(load.load_causal_lm(path), tmp_path / "smol-adapter")

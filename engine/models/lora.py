@@ -9,19 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from engine.config import StrictModel
+from engine.config import LoraSpec
 from engine.errors import SiftError
-
-
-class LoraSpec(StrictModel):
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = Field(None, description="transformer layers to adapt; default all")
-    seed: int = 0
 
 
 def add_lora(model, spec: LoraSpec):

@@ -1,0 +1,101 @@
+"""`sift featurize grads`: per-example projected LoRA gradients and anchor outputs f* into a store.
+
+The anchor is the base model with a freshly initialised, seeded LoRA (or a given adapter
+folder). For every example: f* (the answer score at the anchor) and P^T grad f, with P the
+seeded block-wise Rademacher projection. See engine/features/per_example.py for how the
+per-example gradients come out of one batched backward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from engine.config import GradsConfig
+from engine.errors import SiftError
+from engine.features import answers, runner
+from engine.features.per_example import METHODS, AnswerScore
+from engine.features.projection import Projector
+from engine.features.store import FeatureStore, StoreSpec
+from engine.models import builtin, load, lora
+
+
+def anchor_model(cfg: GradsConfig):
+    """The model whose LoRA gradients are taken: eval mode, only adapter weights trainable."""
+    path = builtin.resolve(cfg.model)
+    base = load.load_causal_lm(path, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
+    if cfg.adapter is not None:
+        model = lora.load_adapter(base, cfg.adapter, trainable=True)
+    else:
+        model = lora.add_lora(base, cfg.lora)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    return load.load_tokenizer(path, cfg.trust_remote_code), model.eval()
+
+
+class GradFeaturizer:
+    def __init__(self, cfg: GradsConfig, threads: int):
+        self.cfg = cfg
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer, model = anchor_model(cfg)
+        if cfg.quantize == "none":
+            model = model.to(self.device)
+        self.score = AnswerScore(model)
+        self.method = METHODS[cfg.method]
+        sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+        self.projector = Projector(sizes, cfg.dim, cfg.seed, cfg.projection_cache_mb, self.device)
+
+    def encode(self, row: dict) -> answers.Encoded | str:
+        if row.get("label") is None and "{label}" in self.cfg.answer:
+            return "missing label (gradient features need an answer)"
+        fields = {"text": row["text"], "task": row.get("task") or "", "label": row.get("label") or ""}
+        return answers.encode(self.tokenizer, self.cfg.prompt.format(**fields), self.cfg.answer.format(**fields),
+                              self.cfg.max_length)
+
+    def __call__(self, frame: pl.DataFrame) -> runner.Featurized:
+        n = frame.height
+        vectors = np.full((n, self.cfg.dim), np.nan, dtype=np.float32)
+        f_values = np.full(n, np.nan, dtype=np.float32)
+        encoded, reasons = {}, {}
+        for i, row in enumerate(frame.iter_rows(named=True)):
+            result = self.encode(row)
+            if isinstance(result, str):
+                reasons[i] = result
+            else:
+                encoded[i] = result
+        order = sorted(encoded, key=lambda i: len(encoded[i][0]))
+        for start in range(0, len(order), self.cfg.batch_size):
+            chunk = order[start:start + self.cfg.batch_size]
+            batch = answers.collate([encoded[i] for i in chunk], self.tokenizer.pad_token_id).to(self.device)
+            f, grads = self.method(self.score, batch)
+            vectors[chunk] = self.projector.project(grads).cpu().numpy()
+            f_values[chunk] = f.float().cpu().numpy()
+        return runner.split_finite(frame, vectors, {"f": f_values}, reasons)
+
+
+def spec_for(cfg: GradsConfig):
+    if cfg.model is None:
+        raise SiftError("featurize grads needs --model (a model folder or a built-in name)")
+    examples = runner.examples_file(cfg.data)
+    rows = pl.scan_parquet(examples).select(pl.len()).collect().item()
+    spec = StoreSpec(
+        kind="grads",
+        fingerprint={
+            "model": runner.folder_fingerprint(builtin.resolve(cfg.model)),
+            "adapter": runner.folder_fingerprint(cfg.adapter),
+            "config": runner.config_fingerprint(
+                cfg, exclude={"model", "adapter", "batch_size", "method", "projection_cache_mb", "shard_rows"}),
+            "data": runner.data_fingerprint(examples),
+        },
+        dim=cfg.dim, dtype=cfg.dtype, seed=cfg.seed, rows=rows, shard_rows=cfg.shard_rows,
+    )
+    return spec, examples
+
+
+def featurize_grads(cfg: GradsConfig) -> tuple[FeatureStore, runner.RunStats]:
+    spec, examples = spec_for(cfg)
+    return runner.run(cfg, spec, GradFeaturizer, examples, progress="grads")

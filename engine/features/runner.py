@@ -1,0 +1,182 @@
+"""Run a featurizer over every shard of a store on Ray Data: one actor pool, resumable.
+
+The unit of work is a store shard: Ray Data gets one block per missing shard, an actor reads
+that shard's rows from the examples file, featurizes them in micro-batches and writes the shard
+itself (so vectors never pass through the driver). A killed actor is restarted by Ray Data and
+its shard redone; an interrupted run leaves finished shards behind, and the rerun does the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from engine import runtime
+from engine.config import FeaturizeConfig
+from engine.errors import SiftError
+from engine.features.store import FeatureStore, StoreSpec
+
+QUARANTINE_COLUMNS = {"id": pl.String, "reason": pl.String}
+
+
+@dataclass
+class Featurized:
+    """A featurizer's answer for one frame of rows: kept rows with vectors, the rest with reasons."""
+
+    rows: pl.DataFrame
+    vectors: np.ndarray
+    quarantine: pl.DataFrame
+
+
+class Featurizer(Protocol):
+    def __init__(self, cfg: Any, threads: int): ...
+    def __call__(self, frame: pl.DataFrame) -> Featurized: ...
+
+
+@dataclass
+class RunStats:
+    shards_total: int
+    shards_done_before: int
+    rows: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def examples_file(data: Path | None) -> Path:
+    if data is None:
+        raise SiftError("featurize needs --data (an ingest folder or a parquet file of examples)")
+    path = data / "examples.parquet" if data.is_dir() else data
+    if not path.is_file():
+        raise SiftError(f"{data}: no examples.parquet; run `sift ingest` first")
+    return path
+
+
+def data_fingerprint(path: Path) -> str:
+    """Digest of the columns features depend on, so edited data never reuses stale features."""
+    table = pq.read_table(path, columns=[c for c in ("id", "text", "task", "label") if c in pq.read_schema(path).names])
+    h = hashlib.sha256()
+    for column in table.itercolumns():
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    h.update(memoryview(buffer))
+    return f"{table.num_rows} rows@{h.hexdigest()[:16]}"
+
+
+def folder_fingerprint(folder: Path | None) -> str:
+    """Name and digest of a model or adapter folder's config and weight sizes."""
+    if folder is None:
+        return "none"
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.suffix == ".json":
+            h.update(f.read_bytes())
+        elif f.suffix == ".safetensors":
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{Path(folder).name}@{h.hexdigest()[:12]}"
+
+
+def config_fingerprint(cfg: FeaturizeConfig, exclude: set[str]) -> str:
+    settings = cfg.model_dump(mode="json", exclude={"data", "out", "force", "runtime", "actors", *exclude})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(
+    cfg: FeaturizeConfig,
+    spec: StoreSpec,
+    featurizer: type[Featurizer],
+    examples: Path,
+    progress: str,
+) -> tuple[FeatureStore, RunStats]:
+    """Fill the store at cfg.out with `featurizer` over `examples`, skipping finished shards."""
+    import ray
+    from tqdm.auto import tqdm
+
+    if cfg.out is None:
+        raise SiftError("featurize needs --out DIR for the feature store")
+    store = FeatureStore.prepare(cfg.out, spec, force=cfg.force)
+    todo = store.missing_shards()
+    stats = RunStats(shards_total=spec.num_shards, shards_done_before=spec.num_shards - len(todo))
+    if not todo:
+        return store, stats
+
+    info = runtime.start(cfg.runtime)
+    pool = runtime.actor_pool(info.cpus, info.gpus, max_actors=cfg.actors)
+    ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        ShardWorker,
+        batch_size=1,
+        fn_constructor_kwargs=dict(featurizer=featurizer, cfg=cfg, store=str(store.root),
+                                   examples=str(examples), threads=pool.threads),
+        **pool.map_batches_kwargs(),
+    )
+    started = time.perf_counter()
+    with tqdm(total=len(todo), desc=progress, unit="shard") as bar:
+        for row in ds.iter_rows():
+            stats.rows += int(row["rows"])
+            stats.quarantined += int(row["quarantined"])
+            for reason, count in json.loads(row["reasons"]).items():
+                stats.reasons[reason] = stats.reasons.get(reason, 0) + count
+            bar.update(1)
+    stats.seconds = time.perf_counter() - started
+    return store, stats
+
+
+class ShardWorker:
+    """Ray Data actor: shard numbers in, written shards and their counts out."""
+
+    def __init__(self, featurizer: type[Featurizer], cfg: FeaturizeConfig, store: str, examples: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.store = FeatureStore(store)
+        self.examples = examples
+        self.featurizer = featurizer(cfg, threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"shard": [], "rows": [], "quarantined": [], "reasons": []}
+        for k in batch["shard"].tolist():
+            start, stop = self.store.shard_range(k)
+            frame = pl.scan_parquet(self.examples).slice(start, stop - start).collect()
+            result = self.featurizer(frame)
+            self.store.write_shard(k, result.rows, result.vectors, result.quarantine)
+            reasons = result.quarantine.group_by("reason").len().rows()
+            out["shard"].append(k)
+            out["rows"].append(frame.height)
+            out["quarantined"].append(result.quarantine.height)
+            out["reasons"].append(json.dumps(dict(reasons)))
+        return out
+
+
+def split_finite(frame: pl.DataFrame, vectors: np.ndarray, extra: dict[str, np.ndarray] | None = None,
+                 reasons: dict[int, str] | None = None) -> Featurized:
+    """Keep rows whose vector (and extra values) are finite and that have no reason yet."""
+    reasons = dict(reasons or {})
+    finite = np.isfinite(vectors).all(axis=1)
+    for name, values in (extra or {}).items():
+        for i in np.flatnonzero(~np.isfinite(values)):
+            reasons.setdefault(int(i), f"non-finite {name}")
+    for i in np.flatnonzero(~finite):
+        reasons.setdefault(int(i), "non-finite features")
+    keep = np.array([i not in reasons for i in range(frame.height)], dtype=bool)
+    rows = frame.select([c for c in ("id", "task", "label") if c in frame.columns]).filter(pl.Series(keep))
+    for name, values in (extra or {}).items():
+        rows = rows.with_columns(pl.Series(name, values[keep], dtype=pl.Float32))
+    quarantine = pl.DataFrame(
+        {"id": [frame["id"][i] for i in sorted(reasons)], "reason": [reasons[i] for i in sorted(reasons)]},
+        schema=QUARANTINE_COLUMNS,
+    )
+    return Featurized(rows, vectors[keep], quarantine)
