@@ -54,6 +54,26 @@ def _parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(run=_demo)
 
+    featurize = sub.add_parser("featurize", help="embeddings or projected per-example gradients into a feature store")
+    kinds = featurize.add_subparsers(title="kinds")
+    embed = kinds.add_parser("embed", help="sentence embeddings (default model: the built-in minilm)")
+    grads = kinds.add_parser("grads", help="per-example LoRA gradients of a causal LM, projected to --dim")
+    for p, run in ((embed, _embed), (grads, _grads)):
+        p.add_argument("--data", type=Path, required=True, help="an ingest folder or a parquet file of examples")
+        p.add_argument("--out", type=Path, required=True, help="the feature store folder (resumed if present)")
+        p.add_argument("--model", help="a model folder or a built-in name")
+        p.add_argument("--batch-size", dest="batch_size", type=int)
+        p.add_argument("--max-length", dest="max_length", type=int)
+        p.add_argument("--actors", type=int, help="actor pool size (default: sized from Ray's resources)")
+        p.add_argument("--force", action="store_true", default=None, help="replace an existing store at OUT")
+        _common(p)
+        p.set_defaults(run=run)
+    grads.add_argument("--adapter", type=Path, help="a PEFT adapter folder as the anchor (default: fresh seeded LoRA)")
+    grads.add_argument("--dim", type=int, help="projection dimension (default 400)")
+    grads.add_argument("--layers", dest="lora.layers", type=lambda s: [int(x) for x in s.split(",")],
+                       help="comma-separated layers that get LoRA (backprop stops at the lowest)")
+    grads.add_argument("--qlora", dest="quantize", action="store_const", const="nf4", help="4-bit nf4 base")
+
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
     models.set_defaults(run=_models)
@@ -94,6 +114,22 @@ def _demo(args: argparse.Namespace) -> None:
     from engine.config import DemoConfig, load_config
 
     demo.run(load_config(DemoConfig, args.config, _overrides(args)))
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from engine.config import EmbedConfig, load_config
+    from engine.features.embed import embed
+    from engine.features.summary import show
+
+    show(*embed(load_config(EmbedConfig, args.config, _overrides(args))))
+
+
+def _grads(args: argparse.Namespace) -> None:
+    from engine.config import GradsConfig, load_config
+    from engine.features.grads import featurize_grads
+    from engine.features.summary import show
+
+    show(*featurize_grads(load_config(GradsConfig, args.config, _overrides(args))))
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -28,3 +28,16 @@ def ray_session():
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def tweets_ingest(tmp_path_factory, ray_session) -> Path:
+    """An ingest folder of 600 real tweets (labels: negative / neutral / positive)."""
+    from engine.config import IngestConfig
+    from engine.data import corpora
+    from engine.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tweets")
+    corpora.load("tweets").sample(600, seed=0).write_parquet(root / "tweets.parquet")
+    ingest(IngestConfig(inputs=[str(root / "tweets.parquet")], out=root / "ingest"))
+    return root / "ingest"
