@@ -102,6 +102,10 @@ class DemoConfig(StrictModel):
         default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]
     )
     out: Path = Path("runs/demo")
+    sample_rows: PositiveInt = Field(2000, description="rows (stratified by corpus) embedded by the demo")
+    grad_rows: PositiveInt = Field(400, description="labelled tweets whose LoRA gradients the demo takes")
+    grad_model: str = "tiny-llama"
+    seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

@@ -1,19 +1,25 @@
 """`sift demo` (`make demo`): the built-in corpora through sift on the embedded Ray.
 
-Today: corpora -> ingest (validation, quarantine) -> summary tables. Later stages (featurize,
-select, train, serve) extend this same run.
+Today: corpora -> ingest (validation, quarantine) -> embeddings of a stratified sample (faiss
+k-means and near-duplicates over them) -> projected LoRA gradients of labelled tweets. Later
+stages (select, train, serve) extend this same run.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import polars as pl
 
 from engine import runtime
-from engine.config import DemoConfig, IngestConfig
+from engine.config import DemoConfig, EmbedConfig, GradsConfig, IngestConfig
 from engine.data import corpora
 from engine.data.ingest import ingest, read_examples, show
+from engine.features import summary
+from engine.features.embed import embed
+from engine.features.grads import featurize_grads
+from engine.index import kmeans, near_duplicates
 from engine.report import table
 
 
@@ -21,16 +27,66 @@ def run(cfg: DemoConfig) -> None:
     started = time.perf_counter()
     info = runtime.start(cfg.runtime)
     print(f"Ray {info.mode} at {info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs")
+
     inputs = [str(corpora.path(name)) for name in cfg.corpora]
-    summary = ingest(IngestConfig(inputs=inputs, out=cfg.out / "ingest", runtime=cfg.runtime))
-    show(summary)
+    show(ingest(IngestConfig(inputs=inputs, out=cfg.out / "ingest", runtime=cfg.runtime)))
     examples = read_examples(cfg.out / "ingest")
+    _corpora_table(examples)
+
+    sample = _stratified(examples, cfg.sample_rows, cfg.seed)
+    sample.write_parquet(cfg.out / "sample.parquet")
+    store, stats = embed(EmbedConfig(data=cfg.out / "sample.parquet", out=cfg.out / "embeddings",
+                                     runtime=cfg.runtime))
+    summary.show(store, stats)
+    _clusters_table(store, cfg.seed)
+
+    tweets = examples.filter(pl.col("task") == "tweets")
+    if tweets.height:
+        tweets.sample(min(cfg.grad_rows, tweets.height), seed=cfg.seed).write_parquet(cfg.out / "tweets.parquet")
+        store, stats = featurize_grads(GradsConfig(data=cfg.out / "tweets.parquet", out=cfg.out / "grads",
+                                                   model=cfg.grad_model, runtime=cfg.runtime))
+        summary.show(store, stats)
+        _grads_table(store)
+    print(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {cfg.out}")
+
+
+def _corpora_table(examples: pl.DataFrame) -> None:
     per_task = examples.group_by("task").agg(
         rows=pl.len(),
         labels=pl.col("label").n_unique(),
         top_label=pl.col("label").mode().first(),
-        median_chars=pl.col("text").str.len_chars().median(),
+        median_chars=pl.col("text").str.len_chars().median().cast(pl.Int64),
     ).sort("task")
     table("Built-in corpora after ingest", ["corpus", "rows", "labels", "a most common label", "median chars"],
-          per_task.select("task", "rows", "labels", "top_label", pl.col("median_chars").cast(pl.Int64)).rows())
-    print(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {cfg.out}")
+          per_task.rows())
+
+
+def _stratified(examples: pl.DataFrame, rows: int, seed: int) -> pl.DataFrame:
+    tasks = examples["task"].unique().sort().to_list()
+    per_task = max(1, rows // max(len(tasks), 1))
+    parts = [examples.filter(pl.col("task") == t) for t in tasks]
+    return pl.concat([p.sample(min(per_task, p.height), seed=seed) for p in parts])
+
+
+def _clusters_table(store, seed: int) -> None:
+    """k-means over the embeddings, one cluster per corpus: do clusters recover the corpora?"""
+    rows, vectors = store.rows(), np.asarray(store.vectors())
+    tasks = rows["task"].to_list()
+    k = len(set(tasks))
+    _, assignment = kmeans(vectors, k, seed=seed, spherical=True)
+    frame = pl.DataFrame({"cluster": assignment, "task": tasks})
+    summary_rows = []
+    for cluster, group in frame.group_by("cluster", maintain_order=True):
+        counts = group["task"].value_counts().sort("count", descending=True)
+        summary_rows.append((int(cluster[0]), group.height, counts["task"][0], round(counts["count"][0] / group.height, 2)))
+    duplicates = int((near_duplicates(vectors, threshold=0.95) >= 0).sum())
+    table(f"faiss k-means (k={k}) over MiniLM embeddings; {duplicates} near-duplicates at cosine >= 0.95",
+          ["cluster", "rows", "main corpus", "share"], sorted(summary_rows))
+
+
+def _grads_table(store) -> None:
+    rows, vectors = store.rows(), np.asarray(store.vectors())
+    per_label = rows.with_columns(norm=pl.Series(np.linalg.norm(vectors, axis=1))).group_by("label").agg(
+        rows=pl.len(), mean_f=pl.col("f").mean(), mean_norm=pl.col("norm").mean()).sort("label")
+    table("Anchor outputs f* and projected gradient norms per label", ["label", "rows", "mean f*", "mean |P^T g|"],
+          per_label.rows())

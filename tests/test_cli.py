@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SIFT = str(Path(sys.executable).parent / "sift")
 
 
@@ -25,11 +27,14 @@ def test_doctor_reports_ray_and_backends():
 
 
 def test_demo_ingests_corpora_and_prints_summary(tmp_path):
-    done = _run("demo", "--out", str(tmp_path / "demo"), "--set", "corpora=[chatterbot, fortunes]")
+    done = _run("demo", "--out", str(tmp_path / "demo"), "--set", "corpora=[chatterbot, fortunes]",
+                "--set", "sample_rows=200")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Built-in corpora after ingest" in done.stdout
     assert "duplicate id" in done.stdout  # chatterbot repeats Q/A pairs: quarantined, not lost
     assert (tmp_path / "demo" / "ingest" / "examples.parquet").is_file()
+    assert "faiss k-means (k=2)" in done.stdout
+    assert len(np.load(tmp_path / "demo" / "embeddings" / "shards" / "00000.npy")) == 200
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path):
