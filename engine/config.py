@@ -97,6 +97,31 @@ class GradsConfig(FeaturizeConfig):
     projection_cache_mb: float = Field(2048, gt=0)
 
 
+class SelectPoolConfig(StrictModel):
+    """`sift select-pool`: choose `budget` candidates of a pool for a target distribution."""
+
+    pool: str | None = Field(None, description="texts (files/folders, an ingest folder), an embedding store, "
+                                               "or parquet with id + embedding columns")
+    target: str | None = Field(None, description="same kinds of input as pool")
+    budget: float | None = Field(None, gt=0, description="rows to select; a value below 1 is a fraction of the pool")
+    out: Path | None = None
+    method: Literal["gotd", "knn", "dsir", "grad-cosine", "random"] = "gotd"
+    variant: Literal["clean", "contrast"] = Field("clean", description="contrast: select away from the target")
+    encoder: str = Field("minilm", description="sentence encoder for text inputs")
+    eps: float = Field(0.1, gt=0, description="entropic regularisation (absolute)")
+    threshold: float = Field(0.1, gt=0, description="Sinkhorn stop threshold on the marginal error")
+    max_iter: PositiveInt = 2000
+    full_max: PositiveInt = Field(20_000, description="pools up to this size are solved whole")
+    support: Literal["sample", "kmeans"] = Field("sample", description="how larger pools are summarised")
+    support_size: PositiveInt = Field(10_000, description="points in the sample or coreset")
+    knn_k: PositiveInt = 10
+    dsir_buckets: PositiveInt = 10_000
+    pool_grads: Path | None = Field(None, description="gradient store of the pool (grad-cosine)")
+    target_grads: Path | None = Field(None, description="gradient store of the target (grad-cosine)")
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
 class DemoConfig(StrictModel):
     corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
         default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]

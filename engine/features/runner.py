@@ -100,6 +100,7 @@ def run(
     featurizer: type[Featurizer],
     examples: Path,
     progress: str,
+    replace_mismatch: bool = False,
 ) -> tuple[FeatureStore, RunStats]:
     """Fill the store at cfg.out with `featurizer` over `examples`, skipping finished shards."""
     import ray
@@ -107,7 +108,7 @@ def run(
 
     if cfg.out is None:
         raise SiftError("featurize needs --out DIR for the feature store")
-    store = FeatureStore.prepare(cfg.out, spec, force=cfg.force)
+    store = FeatureStore.prepare(cfg.out, spec, force=cfg.force, replace_mismatch=replace_mismatch)
     todo = store.missing_shards()
     stats = RunStats(shards_total=spec.num_shards, shards_done_before=spec.num_shards - len(todo))
     if not todo:

@@ -55,13 +55,17 @@ class FeatureStore:
     # --- writing ---------------------------------------------------------------------------
 
     @classmethod
-    def prepare(cls, root: str | os.PathLike, spec: StoreSpec, force: bool = False) -> "FeatureStore":
-        """Create the store, or resume one made for the same request; a different request is an error."""
+    def prepare(cls, root: str | os.PathLike, spec: StoreSpec, force: bool = False,
+                replace_mismatch: bool = False) -> "FeatureStore":
+        """Create the store, or resume one made for the same request. A store made for a different
+        request is an error, or replaced when `replace_mismatch` (stores sift derives itself)."""
         root = Path(root)
         path = root / MANIFEST
         if path.is_file() and not force:
             old = json.loads(path.read_text())
             differs = _differences(old, asdict(spec))
+            if differs and replace_mismatch:
+                return cls.prepare(root, spec, force=True)
             if differs:
                 raise SiftError(f"{root} holds a feature store for a different request ({differs}); "
                                 "use another --out, or --force to replace it")

@@ -55,10 +55,18 @@ def _batch(tok, size: int, length: int):
     return answers.collate(examples, tok.pad_token_id)
 
 
-def bench_grads(model_name: str, batch_size: int, length: int, repeats: int, dim: int) -> dict:
+def bench_grads(model_name: str, batch_size: int, length: int, repeats: int, dim: int,
+                top_layers: int | None = None) -> dict:
+    """All methods with LoRA on every layer; with `top_layers`, only the last N layers get LoRA
+    (backprop then stops N layers down: the saving the `layers` option buys)."""
     path = builtin.resolve(model_name)
     tok = load.load_tokenizer(path)
-    model = lora.add_lora(load.load_causal_lm(path), LoraSpec(r=8)).eval()
+    base = load.load_causal_lm(path)
+    layers = None
+    if top_layers:
+        depth = base.config.num_hidden_layers
+        layers = list(range(depth - top_layers, depth))
+    model = lora.add_lora(base, LoraSpec(r=8, layers=layers)).eval()
     score = AnswerScore(model)
     batch = _batch(tok, batch_size, length)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -77,6 +85,7 @@ def bench_grads(model_name: str, batch_size: int, length: int, repeats: int, dim
     ex_s = {k: batch_size / v for k, v in seconds.items() if k != "projection"}
     return {
         "model": model_name,
+        "lora_layers": "all" if layers is None else layers,
         "batch": batch_size,
         "tokens": length,
         "lora_params": projector.total,
@@ -115,6 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--embed-rows", type=int, default=4000)
     parser.add_argument("--actors", default="1,2")
+    parser.add_argument("--top-layers", type=int, default=4, help="also time LoRA on only the last N layers (0: skip)")
     args = parser.parse_args()
 
     info = runtime.start()
@@ -122,7 +132,8 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "ray_cpus": info.cpus,
-        "grads": [bench_grads(m, args.batch, args.tokens, args.repeats, args.dim) for m in args.models.split(",")],
+        "grads": [bench_grads(m, args.batch, args.tokens, args.repeats, args.dim, top)
+                  for m in args.models.split(",") for top in ([None, args.top_layers] if args.top_layers else [None])],
         "embed": bench_embed(args.embed_rows, [int(a) for a in args.actors.split(",")]),
         "peak_rss_mb_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

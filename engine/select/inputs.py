@@ -1,0 +1,127 @@
+"""Turn what a user hands `select-pool` into what a method needs.
+
+A pool or target may be: texts (files, folders, globs: ingested here), an ingest folder, an
+embedding or gradient feature store, or parquet with `id` and `embedding` columns. Stores sift
+derives (ingest, embeddings) live under OUT/<role>/ and are reused when their inputs match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from engine.config import EmbedConfig, IngestConfig, SelectPoolConfig
+from engine.data.ingest import EXAMPLES, SUMMARY, ingest
+from engine.errors import SiftError
+from engine.features.embed import embed
+from engine.features.store import MANIFEST, FeatureStore, StoreSpec
+
+PRECOMPUTED_SHARD_ROWS = 65_536
+
+
+@dataclass
+class Candidates:
+    """One side of a selection: its features (if any), its examples (if texts), its upstream losses."""
+
+    store: FeatureStore | None
+    examples: Path | None  # examples.parquet with full columns, when the input was text
+    rows_in: int  # rows the user handed in
+    quarantine: pl.DataFrame  # id, reason, stage: rows lost before scoring
+
+    def rows(self) -> pl.DataFrame:
+        """The candidates that can be scored, in feature order (or example order without features)."""
+        if self.store is not None:
+            return self.store.rows()
+        return pl.read_parquet(self.examples)
+
+    def texts(self) -> pl.DataFrame:
+        if self.examples is None:
+            raise SiftError("this method needs texts, but the input is precomputed features; pass the texts")
+        return pl.read_parquet(self.examples)
+
+
+def resolve(spec: str | None, role: str, cfg: SelectPoolConfig, need: str) -> Candidates:
+    """`need`: "embeddings", "grads", "texts" or "any"."""
+    if not spec:
+        raise SiftError(f"select-pool needs --{role}")
+    path = Path(spec)
+    work = Path(cfg.out) / role
+    if (path / MANIFEST).is_file():
+        store = FeatureStore(path)
+        if need in ("embeddings", "grads") and store.spec.kind != need:
+            raise SiftError(f"{path} is a {store.spec.kind} store, but method {cfg.method!r} needs {need}")
+        if need == "texts":
+            raise SiftError(f"method {cfg.method!r} needs texts, but {path} is a feature store; pass the texts")
+        return Candidates(store, None, store.spec.rows, _quarantine(store.quarantine(), "features"))
+    if need == "grads":
+        raise SiftError(f"method 'grad-cosine' needs gradient stores (`sift featurize grads`); {path} is not one")
+    if _has_embedding_column(path):
+        if need == "texts":
+            raise SiftError(f"method {cfg.method!r} needs texts, but {path} holds precomputed embeddings")
+        store = _store_from_parquet(path, work / "embeddings")
+        return Candidates(store, None, store.spec.rows, _quarantine(store.quarantine(), "features"))
+
+    folder, rows_in, lost = _ingested(spec, work, cfg)
+    if need in ("texts", "any"):
+        return Candidates(None, folder / EXAMPLES, rows_in, lost)
+    store, _ = embed(EmbedConfig(data=folder, out=work / "embeddings", model=cfg.encoder, runtime=cfg.runtime),
+                     replace_mismatch=True)
+    return Candidates(store, folder / EXAMPLES, rows_in, pl.concat([lost, _quarantine(store.quarantine(), "features")]))
+
+
+def _ingested(spec: str, work: Path, cfg: SelectPoolConfig) -> tuple[Path, int, pl.DataFrame]:
+    """An ingest folder for the input (the input itself if it already is one)."""
+    path = Path(spec)
+    if (path / EXAMPLES).is_file() and (path / SUMMARY).is_file():
+        folder = path
+    else:
+        ingest(IngestConfig(inputs=[spec], out=work / "ingest", runtime=cfg.runtime))
+        folder = work / "ingest"
+    summary = json.loads((folder / SUMMARY).read_text())
+    lost = pl.read_parquet(folder / "quarantine.parquet", columns=["id", "reason"])
+    return folder, summary["rows_in"], _quarantine(lost, "ingest")
+
+
+def _quarantine(frame: pl.DataFrame, stage: str) -> pl.DataFrame:
+    return frame.select("id", "reason").with_columns(stage=pl.lit(stage))
+
+
+def _has_embedding_column(path: Path) -> bool:
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or files[0].suffix != ".parquet" or not files[0].is_file():
+        return False
+    return "embedding" in pq.read_schema(files[0]).names
+
+
+def _store_from_parquet(path: Path, out: Path) -> FeatureStore:
+    """Precomputed embeddings (id + embedding columns) as a feature store; NaN rows quarantined."""
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    stamp = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files).encode())
+    frame = pl.read_parquet(files, columns=["id", "embedding"])
+    if frame.height == 0:
+        raise SiftError(f"{path}: holds no rows")
+    try:
+        vectors = np.asarray(frame["embedding"].to_list(), dtype=np.float32)
+    except (ValueError, TypeError):
+        raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers") from None
+    if vectors.ndim != 2:
+        raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers")
+    spec = StoreSpec(kind="embeddings", fingerprint={"source": f"{path}@{stamp.hexdigest()[:16]}"},
+                     dim=vectors.shape[1], dtype="float32", seed=None, rows=frame.height,
+                     shard_rows=PRECOMPUTED_SHARD_ROWS)
+    store = FeatureStore.prepare(out, spec, replace_mismatch=True)
+    finite = np.isfinite(vectors).all(axis=1)
+    for k in store.missing_shards():
+        start, stop = store.shard_range(k)
+        ok = finite[start:stop]
+        part = frame.slice(start, stop - start)
+        store.write_shard(k, part.select("id").filter(pl.Series(ok)), vectors[start:stop][ok],
+                          part.select("id").filter(pl.Series(~ok)).with_columns(reason=pl.lit("non-finite embedding")))
+    return store
