@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated layers that get LoRA (backprop stops at the lowest)")
     grads.add_argument("--qlora", dest="quantize", action="store_const", const="nf4", help="4-bit nf4 base")
 
+    select = sub.add_parser("select-pool", help="choose the candidates of a pool closest to a target (GOT-D)")
+    select.add_argument("--pool", required=True, help="texts, an ingest folder, an embedding store, or parquet with embeddings")
+    select.add_argument("--target", required=True, help="the same kinds of input as --pool")
+    select.add_argument("--budget", type=float, required=True, help="rows to select, or a fraction below 1")
+    select.add_argument("--out", type=Path, required=True)
+    select.add_argument("--method", choices=["gotd", "knn", "dsir", "grad-cosine", "random"])
+    select.add_argument("--variant", choices=["clean", "contrast"])
+    _common(select)
+    select.set_defaults(run=_select_pool)
+
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
     models.set_defaults(run=_models)
@@ -130,6 +140,14 @@ def _grads(args: argparse.Namespace) -> None:
     from engine.features.summary import show
 
     show(*featurize_grads(load_config(GradsConfig, args.config, _overrides(args))))
+
+
+def _select_pool(args: argparse.Namespace) -> None:
+    from engine.config import SelectPoolConfig, load_config
+    from engine.select.pool import select_pool, show
+
+    cfg = load_config(SelectPoolConfig, args.config, _overrides(args))
+    show(select_pool(cfg), cfg.out)
 
 
 def _models(args: argparse.Namespace) -> None:

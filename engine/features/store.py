@@ -126,7 +126,11 @@ class FeatureStore:
     def vectors(self) -> "ShardedVectors":
         """Every stored vector as one memory-mapped view, aligned with `rows()`."""
         self.check_complete()
-        return ShardedVectors([np.load(self._files(k)[0], mmap_mode="r") for k in range(self.spec.num_shards)])
+        return ShardedVectors([self.shard_vectors(k) for k in range(self.spec.num_shards)])
+
+    def shard_vectors(self, k: int) -> np.ndarray:
+        """Shard k's vectors, memory-mapped."""
+        return np.load(self._files(k)[0], mmap_mode="r")
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.root / "shards").iterdir() if f.is_file())

@@ -52,7 +52,7 @@ def sinkhorn_potentials(x: np.ndarray, y: np.ndarray, eps: float, threshold: flo
                          log=True, warn=False)
     errors = log.get("err") or [float("nan")]
     error = float(errors[-1])
-    iterations = int(log.get("niter", max_iter))
+    iterations = int(log.get("niter", max_iter - 1)) + 1  # POT reports the last loop index
     f = (eps * log["log_v"]).cpu().numpy()
     if not np.isfinite(f).all():
         raise SiftError(f"Sinkhorn diverged (non-finite potentials) at epsilon={eps}; use a larger epsilon")
@@ -65,12 +65,12 @@ def sinkhorn_potentials(x: np.ndarray, y: np.ndarray, eps: float, threshold: flo
 
 def c_transform(x: np.ndarray, solution: OTSolution, block: int = 8192, device: str = "cpu") -> np.ndarray:
     """Candidate potentials g for the rows of x against the solved target side (float64 out)."""
-    y = torch.as_tensor(solution.target, dtype=torch.float32, device=device)
+    y = torch.tensor(solution.target, dtype=torch.float32, device=device)
     y_sq = (y * y).sum(1)
     shift = torch.as_tensor((solution.f + solution.eps * solution.log_b), dtype=torch.float32, device=device)
     out = np.empty(len(x), dtype=np.float64)
     for start in range(0, len(x), block):
-        xb = torch.as_tensor(np.asarray(x[start:start + block]), dtype=torch.float32, device=device)
+        xb = torch.tensor(np.asarray(x[start:start + block]), dtype=torch.float32, device=device)  # copy: x may be a read-only memmap
         cost = (xb * xb).sum(1, keepdim=True) + y_sq - 2.0 * (xb @ y.T)
         out[start:start + len(xb)] = (-solution.eps * torch.logsumexp((shift - cost) / solution.eps, dim=1)).double().cpu().numpy()
     return out
