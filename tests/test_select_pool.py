@@ -1,0 +1,172 @@
+"""select-pool on a real local Ray: GOT-D's behaviour, baselines' interface, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine.config import SelectPoolConfig
+from engine.errors import SiftError
+from engine.select import ot
+from engine.select.pool import select_pool
+
+
+def _write(path, vectors: np.ndarray, prefix: str, task: str | None = None):
+    frame = pl.DataFrame({"id": [f"{prefix}{i}" for i in range(len(vectors))],
+                          "embedding": vectors.astype(np.float32).tolist()})
+    frame.write_parquet(path)
+    return str(path)
+
+
+def _blobs(rng, n, center, scale=0.3):
+    return center + scale * rng.normal(size=(n, len(center)))
+
+
+def _cfg(tmp_path, pool, target, budget, **kw) -> SelectPoolConfig:
+    return SelectPoolConfig(pool=pool, target=target, budget=budget, out=tmp_path / "out", **kw)
+
+
+def test_gotd_favours_the_under_represented_cluster(tmp_path, ray_session):
+    """The paper's sanity case: a pool 99% A / 1% B, a target evenly over A and B."""
+    rng = np.random.default_rng(0)
+    a, b = np.zeros(8), np.full(8, 2.0)
+    pool = np.vstack([_blobs(rng, 1980, a), _blobs(rng, 20, b)])
+    target = np.vstack([_blobs(rng, 100, a), _blobs(rng, 100, b)])
+    cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", pool, "p"), _write(tmp_path / "t.parquet", target, "t"), 20)
+    report = select_pool(cfg)
+    chosen = pl.read_parquet(tmp_path / "out" / "selected.parquet")["id"].to_list()
+    from_b = sum(int(i[1:]) >= 1980 for i in chosen)
+    assert from_b >= 18, chosen
+    assert report["details"]["converged"]
+    knn = select_pool(cfg.model_copy(update={"method": "knn", "out": tmp_path / "knn"}))
+    assert knn["counts"]["selected"] == 20  # same interface; kNN has no notion of the missing mass
+
+
+def test_sample_and_c_transform_agree_with_the_full_solve(tmp_path, ray_session):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(6, 16)) * 2
+    pool = np.vstack([_blobs(rng, n, c, 0.6) for n, c in zip([2500, 1200, 600, 300, 250, 150], centers)])
+    target = np.vstack([_blobs(rng, 150, c, 0.6) for c in centers[3:]])
+    p, t = _write(tmp_path / "pool.parquet", pool, "p"), _write(tmp_path / "t.parquet", target, "t")
+    full = select_pool(_cfg(tmp_path, p, t, 500, eps=0.5))
+    full_scores = pl.read_parquet(tmp_path / "out" / "scores.parquet")
+    sampled = select_pool(_cfg(tmp_path, p, t, 500, eps=0.5, full_max=1000, support_size=1000).model_copy(
+        update={"out": tmp_path / "sampled"}))
+    assert (full["details"]["support"], sampled["details"]["support"]) == ("full", "sample")
+    sampled_scores = pl.read_parquet(tmp_path / "sampled" / "scores.parquet")
+    top = lambda f: set(f.filter(pl.col("selected"))["id"])  # noqa: E731
+    assert len(top(full_scores) & top(sampled_scores)) / 500 > 0.85
+    joined = full_scores.join(sampled_scores, on="id")
+    assert joined.select(pl.corr("score", "score_right", method="spearman")).item() > 0.9
+
+
+def test_outputs_cover_every_row_and_nan_rows_are_quarantined(tmp_path, ray_session):
+    rng = np.random.default_rng(2)
+    pool = rng.normal(size=(300, 8))
+    pool[[5, 77]] = np.nan
+    cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", pool, "p"),
+               _write(tmp_path / "t.parquet", rng.normal(size=(30, 8)), "t"), 0.1)
+    report = select_pool(cfg)
+    counts = report["counts"]
+    assert counts == {"rows_in": 300, "quarantined": 2, "scored": 298, "selected": 30, "not_selected": 268,
+                      "target_rows": 30}
+    quarantine = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
+    assert dict(zip(quarantine["id"], quarantine["reason"])) == {"p5": "non-finite embedding", "p77": "non-finite embedding"}
+    scores = pl.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert scores["rank"].to_list() == list(range(1, 299))
+    assert scores["selected"].sum() == 30 and scores["score"].is_sorted(descending=True)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["method"] == "gotd"
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+
+
+def test_target_identical_to_part_of_the_pool_works(tmp_path, ray_session):
+    rng = np.random.default_rng(3)
+    pool = rng.normal(size=(400, 8))
+    select_pool(_cfg(tmp_path, _write(tmp_path / "pool.parquet", pool, "p"),
+                     _write(tmp_path / "t.parquet", pool[:40], "t"), 40))
+    chosen = pl.read_parquet(tmp_path / "out" / "selected.parquet")["id"].to_list()
+    assert sum(int(i[1:]) < 40 for i in chosen) >= 30
+
+
+def test_too_small_epsilon_is_reported_not_silent(tmp_path, ray_session):
+    rng = np.random.default_rng(4)
+    cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", rng.normal(size=(200, 8)) * 5, "p"),
+               _write(tmp_path / "t.parquet", rng.normal(size=(20, 8)) * 5, "t"), 10,
+               eps=1e-3, max_iter=20, threshold=1e-6)
+    details = select_pool(cfg)["details"]
+    assert details["converged"] is False and details["iterations"] == 20
+
+
+def test_contrast_selects_away_from_the_target(tmp_path, ray_session):
+    rng = np.random.default_rng(5)
+    pool = np.vstack([_blobs(rng, 200, np.zeros(4)), _blobs(rng, 200, np.full(4, 3.0))])
+    cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", pool, "p"),
+               _write(tmp_path / "t.parquet", _blobs(rng, 50, np.zeros(4)), "t"), 100, variant="contrast")
+    select_pool(cfg)
+    chosen = pl.read_parquet(tmp_path / "out" / "selected.parquet")["id"].to_list()
+    assert sum(int(i[1:]) >= 200 for i in chosen) >= 95
+
+
+@pytest.mark.parametrize("budget, message", [
+    (500, r"--budget 500 is larger than the pool \(300 candidates after quarantine\)"),
+    (12.5, r"--budget 12.5 must be a whole number of rows"),
+])
+def test_bad_budgets(tmp_path, ray_session, budget, message):
+    rng = np.random.default_rng(6)
+    cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", rng.normal(size=(300, 4)), "p"),
+               _write(tmp_path / "t.parquet", rng.normal(size=(10, 4)), "t"), budget)
+    with pytest.raises(SiftError, match=message):
+        select_pool(cfg)
+
+
+def test_dimension_mismatch_empty_target_and_wrong_store_kind(tmp_path, ray_session):
+    rng = np.random.default_rng(7)
+    pool = _write(tmp_path / "pool.parquet", rng.normal(size=(100, 8)), "p")
+    with pytest.raises(SiftError, match="pool features are 8-d but target features are 4-d"):
+        select_pool(_cfg(tmp_path, pool, _write(tmp_path / "t4.parquet", rng.normal(size=(10, 4)), "t"), 5))
+    all_nan = np.full((3, 8), np.nan)
+    with pytest.raises(SiftError, match="the target is empty"):
+        select_pool(_cfg(tmp_path, pool, _write(tmp_path / "tnan.parquet", all_nan, "t"), 5))
+    with pytest.raises(SiftError, match="method 'dsir' needs texts, but .* holds precomputed embeddings"):
+        select_pool(_cfg(tmp_path, pool, pool, 5, method="dsir"))
+    with pytest.raises(SiftError, match="method 'grad-cosine' needs gradient stores"):
+        select_pool(_cfg(tmp_path, pool, pool, 5, method="grad-cosine"))
+    with pytest.raises(SiftError, match="config error .*key 'budget': Input should be greater than 0"):
+        from engine.config import load_config
+        load_config(SelectPoolConfig, None, {"budget": 0})
+
+
+def test_text_pools_with_every_method(tmp_path, ray_session, tweets_ingest):
+    """Texts in, each method out, same files; DSIR and kNN lean to the target's corpus."""
+    from engine.data import corpora
+
+    wordnet = corpora.load("wordnet").sample(300, seed=0)
+    pool = tmp_path / "pool.parquet"
+    pl.concat([pl.read_parquet(tweets_ingest / "examples.parquet").head(300), wordnet]).write_parquet(pool)
+    target = tmp_path / "target.parquet"
+    corpora.load("wordnet").sample(50, seed=9).write_parquet(target)
+    for method in ("gotd", "knn", "dsir", "random"):
+        report = select_pool(SelectPoolConfig(pool=str(pool), target=str(target), budget=100, method=method,
+                                              out=tmp_path / method))
+        assert report["counts"]["selected"] == 100
+        selected = pl.read_parquet(tmp_path / method / "selected.parquet")
+        assert {"id", "text", "task", "rank", "score"} <= set(selected.columns)
+        if method != "random":
+            assert report["selected_by_task"].get("wordnet", 0) >= 80, (method, report["selected_by_task"])
+
+
+def test_c_transform_matches_sinkhorn_potential_on_the_support():
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(120, 5)), rng.normal(size=(80, 5))
+    solution = ot.sinkhorn_potentials(x, y, eps=0.5, threshold=1e-9, max_iter=5000)
+    g = ot.c_transform(x, solution)
+    import ot as pot
+    _, log = pot.sinkhorn(np.full(120, 1 / 120), np.full(80, 1 / 80), pot.dist(x, y), 0.5,
+                          method="sinkhorn_log", stopThr=1e-9, numItermax=5000, log=True)
+    reference = 0.5 * log["log_u"]
+    assert np.allclose(g - g.mean(), reference - reference.mean(), atol=1e-3)
+    grad = ot.calibrated_gradient(g)
+    assert np.array_equal(np.argsort(grad), np.argsort(g))  # monotone: same ranking
