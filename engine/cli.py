@@ -36,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor.set_defaults(run=_doctor)
 
     ingest = sub.add_parser("ingest", help="validate input files into examples.parquet + quarantine.parquet")
-    ingest.add_argument("inputs", nargs="+", metavar="INPUT", help="jsonl/csv/tsv/parquet files, folders, globs")
-    ingest.add_argument("--out", required=True, type=Path)
+    ingest.add_argument("inputs", nargs="*", metavar="INPUT", help="jsonl/csv/tsv/parquet files, folders, globs")
+    ingest.add_argument("--out", type=Path)
     ingest.add_argument("--text-column", dest="columns.text")
     ingest.add_argument("--id-column", dest="columns.id")
     ingest.add_argument("--task-column", dest="columns.task")
@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     embed = kinds.add_parser("embed", help="sentence embeddings (default model: the built-in minilm)")
     grads = kinds.add_parser("grads", help="per-example LoRA gradients of a causal LM, projected to --dim")
     for p, run in ((embed, _embed), (grads, _grads)):
-        p.add_argument("--data", type=Path, required=True, help="an ingest folder or a parquet file of examples")
-        p.add_argument("--out", type=Path, required=True, help="the feature store folder (resumed if present)")
+        p.add_argument("--data", type=Path, help="an ingest folder or a parquet file of examples")
+        p.add_argument("--out", type=Path, help="the feature store folder (resumed if present)")
         p.add_argument("--model", help="a model folder or a built-in name")
         p.add_argument("--batch-size", dest="batch_size", type=int)
         p.add_argument("--max-length", dest="max_length", type=int)
@@ -75,10 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     grads.add_argument("--qlora", dest="quantize", action="store_const", const="nf4", help="4-bit nf4 base")
 
     select = sub.add_parser("select-pool", help="choose the candidates of a pool closest to a target (GOT-D)")
-    select.add_argument("--pool", required=True, help="texts, an ingest folder, an embedding store, or parquet with embeddings")
-    select.add_argument("--target", required=True, help="the same kinds of input as --pool")
-    select.add_argument("--budget", type=float, required=True, help="rows to select, or a fraction below 1")
-    select.add_argument("--out", type=Path, required=True)
+    select.add_argument("--pool", help="texts, an ingest folder, an embedding store, or parquet with embeddings")
+    select.add_argument("--target", help="the same kinds of input as --pool")
+    select.add_argument("--budget", type=float, help="rows to select, or a fraction below 1")
+    select.add_argument("--out", type=Path)
     select.add_argument("--method", choices=["gotd", "knn", "dsir", "grad-cosine", "random"])
     select.add_argument("--variant", choices=["clean", "contrast"])
     _common(select)
@@ -100,7 +100,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace, skip: tuple[str, ...] = ("run", "config", "set")) -> dict[str, Any]:
     from engine.config import parse_set_flags
 
-    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v not in (None, [])}
     flags.update(parse_set_flags(args.set))
     return flags
 

@@ -130,6 +130,9 @@ class DemoConfig(StrictModel):
     sample_rows: PositiveInt = Field(2000, description="rows (stratified by corpus) embedded by the demo")
     grad_rows: PositiveInt = Field(400, description="labelled tweets whose LoRA gradients the demo takes")
     grad_model: str = "tiny-llama"
+    target_topic: str = Field("computers", description="fortunes topic the demo's selection aims at")
+    target_rows: PositiveInt = 100
+    select_budget: PositiveInt = 30
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

@@ -1,8 +1,8 @@
 """`sift demo` (`make demo`): the built-in corpora through sift on the embedded Ray.
 
 Today: corpora -> ingest (validation, quarantine) -> embeddings of a stratified sample (faiss
-k-means and near-duplicates over them) -> projected LoRA gradients of labelled tweets. Later
-stages (select, train, serve) extend this same run.
+k-means and near-duplicates over them) -> GOT-D and baselines toward a held-out fortunes topic
+-> projected LoRA gradients of labelled tweets. Later stages (train, serve) extend this run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from engine import runtime
-from engine.config import DemoConfig, EmbedConfig, GradsConfig, IngestConfig
+from engine.config import DemoConfig, EmbedConfig, GradsConfig, IngestConfig, SelectPoolConfig
 from engine.data import corpora
 from engine.data.ingest import ingest, read_examples, show
 from engine.features import summary
@@ -21,6 +21,7 @@ from engine.features.embed import embed
 from engine.features.grads import featurize_grads
 from engine.index import kmeans, near_duplicates
 from engine.report import table
+from engine.select.pool import select_pool
 
 
 def run(cfg: DemoConfig) -> None:
@@ -33,12 +34,15 @@ def run(cfg: DemoConfig) -> None:
     examples = read_examples(cfg.out / "ingest")
     _corpora_table(examples)
 
-    sample = _stratified(examples, cfg.sample_rows, cfg.seed)
+    target = _target(examples, cfg)
+    sample = _stratified(examples.join(target, on="id", how="anti"), cfg.sample_rows, cfg.seed)
     sample.write_parquet(cfg.out / "sample.parquet")
     store, stats = embed(EmbedConfig(data=cfg.out / "sample.parquet", out=cfg.out / "embeddings",
                                      runtime=cfg.runtime))
     summary.show(store, stats)
     _clusters_table(store, cfg.seed)
+    if target.height:
+        _selection(cfg, sample, target)
 
     tweets = examples.filter(pl.col("task") == "tweets")
     if tweets.height:
@@ -48,6 +52,34 @@ def run(cfg: DemoConfig) -> None:
         summary.show(store, stats)
         _grads_table(store)
     print(f"demo finished in {time.perf_counter() - started:.1f} s; outputs in {cfg.out}")
+
+
+def _target(examples: pl.DataFrame, cfg: DemoConfig) -> pl.DataFrame:
+    """The demo's target: quotes of one fortunes topic, held out of the pool."""
+    topic = examples.filter((pl.col("task") == "fortunes") & (pl.col("label") == cfg.target_topic))
+    target = topic.sample(min(cfg.target_rows, topic.height // 2), seed=cfg.seed)
+    target.write_parquet(cfg.out / "target.parquet")
+    return target
+
+
+def _selection(cfg: DemoConfig, sample: pl.DataFrame, target: pl.DataFrame) -> None:
+    """GOT-D and its baselines on the same pool and target: how many picks are on-topic?"""
+    on_topic = set(sample.filter((pl.col("task") == "fortunes") & (pl.col("label") == cfg.target_topic))["id"])
+    base = dict(pool=str(cfg.out / "embeddings"), target=str(cfg.out / "target.parquet"),
+                budget=cfg.select_budget, runtime=cfg.runtime, seed=cfg.seed)
+    rows = []
+    for method in ("gotd", "knn", "dsir", "random"):
+        # reuse what the GOT-D run embedded; DSIR reads the texts instead
+        inputs = {"pool": str(cfg.out / "sample.parquet")} if method == "dsir" else \
+            {} if method == "gotd" else {"target": str(cfg.out / "select-gotd" / "target" / "embeddings")}
+        out = cfg.out / f"select-{method}"
+        report = select_pool(SelectPoolConfig(**{**base, **inputs, "method": method, "out": out}))
+        chosen = pl.read_parquet(out / "selected.parquet")["id"]
+        rows.append((method, report["budget"], int(chosen.is_in(on_topic).sum()),
+                     round(chosen.is_in(on_topic).mean(), 3), report["seconds"]["scoring"]))
+    table(f"select-pool: {cfg.select_budget} of {sample.height:,} rows toward {target.height} held-out "
+          f"'{cfg.target_topic}' fortunes ({len(on_topic)} on-topic rows in the pool)",
+          ["method", "selected", "on-topic", "precision", "scoring s"], rows)
 
 
 def _corpora_table(examples: pl.DataFrame) -> None:

@@ -54,3 +54,13 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 0
     assert err.startswith("sift: error: config error in command line: key 'max_chars'")
+
+
+def test_shipped_example_configs_validate():
+    from pathlib import Path
+
+    from engine.config import GradsConfig, SelectPoolConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    assert load_config(SelectPoolConfig, root / "select_pool.yaml").method == "gotd"
+    assert load_config(GradsConfig, root / "featurize_grads.yaml").dim == 400

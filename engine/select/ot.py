@@ -22,6 +22,8 @@ import torch
 
 from engine.errors import SiftError
 
+FLOAT64_MAX_ENTRIES = 25_000_000
+
 
 @dataclass
 class OTSolution:
@@ -42,11 +44,14 @@ def sinkhorn_potentials(x: np.ndarray, y: np.ndarray, eps: float, threshold: flo
     import ot
 
     started = time.perf_counter()
-    xt = torch.as_tensor(x, dtype=torch.float64, device=device)
-    yt = torch.as_tensor(y, dtype=torch.float64, device=device)
-    a_t = torch.full((len(x),), 1.0 / len(x), dtype=torch.float64, device=device) if a is None else \
-        torch.as_tensor(a / a.sum(), dtype=torch.float64, device=device)
-    b_t = torch.full((len(y),), 1.0 / len(y), dtype=torch.float64, device=device)
+    # float64 while the cost matrix is small; float32 halves the memory of large solves, and
+    # log-domain updates keep it stable ((f - c) / eps stays within a few hundred).
+    dtype = torch.float64 if len(x) * len(y) <= FLOAT64_MAX_ENTRIES else torch.float32
+    xt = torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+    yt = torch.as_tensor(np.asarray(y), dtype=dtype, device=device)
+    a_t = torch.full((len(x),), 1.0 / len(x), dtype=dtype, device=device) if a is None else \
+        torch.as_tensor(a / a.sum(), dtype=dtype, device=device)
+    b_t = torch.full((len(y),), 1.0 / len(y), dtype=dtype, device=device)
     cost = ot.dist(xt, yt, metric="sqeuclidean")
     _, log = ot.sinkhorn(a_t, b_t, cost, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=threshold,
                          log=True, warn=False)
@@ -57,7 +62,7 @@ def sinkhorn_potentials(x: np.ndarray, y: np.ndarray, eps: float, threshold: flo
     if not np.isfinite(f).all():
         raise SiftError(f"Sinkhorn diverged (non-finite potentials) at epsilon={eps}; use a larger epsilon")
     return OTSolution(
-        target=np.asarray(y, dtype=np.float32), f=f, log_b=np.log(b_t.cpu().numpy()), eps=eps,
+        target=np.asarray(y, dtype=np.float32), f=f.astype(np.float64), log_b=np.log(b_t.double().cpu().numpy()), eps=eps,
         iterations=iterations, marginal_error=error, converged=bool(error <= threshold and iterations < max_iter),
         seconds=time.perf_counter() - started, support=len(x),
     )
