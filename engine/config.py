@@ -114,6 +114,9 @@ class SelectPoolConfig(StrictModel):
     full_max: PositiveInt = Field(20_000, description="pools up to this size are solved whole")
     support: Literal["sample", "kmeans"] = Field("sample", description="how larger pools are summarised")
     support_size: PositiveInt = Field(10_000, description="points in the sample or coreset")
+    domain_keep: PositiveInt | None = Field(None, description="domain test: keep the N sources (task column) "
+                                                               "closest to the target in OT cost; default off")
+    domain_sample: PositiveInt = Field(2_000, description="rows per source for the domain test")
     knn_k: PositiveInt = 10
     dsir_buckets: PositiveInt = 10_000
     pool_grads: Path | None = Field(None, description="gradient store of the pool (grad-cosine)")

@@ -170,3 +170,25 @@ def test_c_transform_matches_sinkhorn_potential_on_the_support():
     assert np.allclose(g - g.mean(), reference - reference.mean(), atol=1e-3)
     grad = ot.calibrated_gradient(g)
     assert np.array_equal(np.argsort(grad), np.argsort(g))  # monotone: same ranking
+
+
+def test_domain_test_keeps_the_closest_sources(tmp_path, ray_session):
+    rng = np.random.default_rng(10)
+    centers = {"near": np.zeros(6), "mid": np.full(6, 1.0), "far": np.full(6, 3.0)}
+    frames = [pl.DataFrame({"id": [f"{name}{i}" for i in range(200)], "task": [name] * 200,
+                            "embedding": _blobs(rng, 200, c).astype(np.float32).tolist()})
+              for name, c in centers.items()]
+    pl.concat(frames).write_parquet(tmp_path / "pool.parquet")
+    # precomputed parquet keeps only id + embedding; give the store its sources through a text-free store
+    from engine.select.inputs import _store_from_parquet
+    store = _store_from_parquet(tmp_path / "pool.parquet", tmp_path / "store")
+    tasks = pl.concat(frames)["task"]
+    for k in range(store.spec.num_shards):
+        path = store.root / "shards" / f"{k:05d}.parquet"
+        pl.read_parquet(path).with_columns(task=tasks).write_parquet(path)
+    target = _write(tmp_path / "t.parquet", _blobs(rng, 50, np.full(6, 0.3)), "t")
+    report = select_pool(_cfg(tmp_path, str(store.root), target, 50, domain_keep=2, domain_sample=100))
+    assert report["details"]["domains"]["kept"] == ["near", "mid"]
+    scores = pl.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert scores.filter(pl.col("task") == "far")["selected"].sum() == 0
+    assert report["counts"]["scored"] == 600

@@ -16,14 +16,18 @@ def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
     """Scores (higher = chosen first) and the solve's report for every vector in `store`."""
     ot.default_eps_check(cfg.eps)
     vectors = store.vectors()
-    n = len(vectors)
+    eligible = np.arange(len(vectors))
+    domains = None
+    if cfg.domain_keep is not None:
+        eligible, domains = domain_test(store, target, cfg)
+    n = len(eligible)
     weights = None
     if n <= cfg.full_max:
-        support_kind, support = "full", np.asarray(vectors)
+        support_kind, support = "full", vectors[eligible]
     elif cfg.support == "sample":
-        support_kind, support = "sample", vectors[ot.support_sample(n, cfg.support_size, cfg.seed)]
+        support_kind, support = "sample", vectors[eligible[ot.support_sample(n, cfg.support_size, cfg.seed)]]
     else:
-        sample = vectors[ot.support_sample(n, 20 * cfg.support_size, cfg.seed)]
+        sample = vectors[eligible[ot.support_sample(n, 20 * cfg.support_size, cfg.seed)]]
         support, assignment = kmeans(sample, cfg.support_size, niter=10, seed=cfg.seed)
         weights = np.bincount(assignment, minlength=cfg.support_size).astype(np.float64)
         support_kind, support, weights = "kmeans", support[weights > 0], weights[weights > 0]
@@ -32,8 +36,10 @@ def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
     started = time.perf_counter()
     g = c_transform_store(store, solution)
     extend_s = time.perf_counter() - started
-    gradient = ot.calibrated_gradient(g)
+    gradient = np.full(len(g), np.nan)
+    gradient[eligible] = ot.calibrated_gradient(g[eligible])
     scores = -gradient if cfg.variant == "clean" else gradient
+    scores[np.isnan(scores)] = -np.inf  # sources dropped by the domain test come last, never selected
     report = {
         "support": support_kind,
         "support_size": int(solution.support),
@@ -47,7 +53,29 @@ def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
         "solve_s": round(solution.seconds, 3),
         "extend_s": round(extend_s, 3),
     }
+    if domains is not None:
+        report["domains"] = domains
     return scores, report
+
+
+def domain_test(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) -> tuple[np.ndarray, dict]:
+    """Rows of the `domain_keep` sources whose sample is closest to the target in entropic OT cost."""
+    from engine.errors import SiftError
+
+    rows = store.rows()
+    if "task" not in rows.columns or rows["task"].null_count() == rows.height:
+        raise SiftError("the domain test needs a source per candidate (a task column in the pool)")
+    tasks = rows["task"].fill_null("(none)").to_numpy()
+    vectors = store.vectors()
+    rng = np.random.default_rng(cfg.seed)
+    target_sample = target[rng.choice(len(target), size=min(len(target), cfg.domain_sample), replace=False)]
+    costs = {}
+    for name in sorted(set(tasks)):
+        members = np.flatnonzero(tasks == name)
+        picked = np.sort(rng.choice(members, size=min(len(members), cfg.domain_sample), replace=False))
+        costs[name] = ot.ot_cost(vectors[picked], target_sample, cfg.eps, cfg.threshold, cfg.max_iter)
+    kept = sorted(costs, key=costs.get)[: cfg.domain_keep]
+    return np.flatnonzero(np.isin(tasks, kept)), {"ot_cost": costs, "kept": kept}
 
 
 def c_transform_store(store: FeatureStore, solution: ot.OTSolution) -> np.ndarray:

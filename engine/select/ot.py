@@ -88,6 +88,18 @@ def c_transform(x: np.ndarray, solution: OTSolution, block: int = 4096, device: 
     return out
 
 
+def ot_cost(x: np.ndarray, y: np.ndarray, eps: float, threshold: float, max_iter: int) -> float:
+    """Entropic OT cost <P, C> between uniform x and y (the domain test's distance)."""
+    import ot
+
+    xt, yt = torch.as_tensor(np.asarray(x), dtype=torch.float64), torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    cost = ot.dist(xt, yt, metric="sqeuclidean")
+    a = torch.full((len(x),), 1.0 / len(x), dtype=torch.float64)
+    b = torch.full((len(y),), 1.0 / len(y), dtype=torch.float64)
+    plan = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=threshold, warn=False)
+    return float((plan * cost).sum())
+
+
 def calibrated_gradient(g: np.ndarray) -> np.ndarray:
     """grad_i = g_i - (sum_j g_j - g_i) / (N - 1): monotone in g_i, comparable across pools."""
     n = len(g)

@@ -137,8 +137,9 @@ def _plot(result: pl.DataFrame, report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    scores = result["score"].to_numpy()
-    selected = result["selected"].to_numpy()
+    finite = result.filter(pl.col("score").is_finite())  # -inf: dropped by the domain test
+    scores = finite["score"].to_numpy()
+    selected = finite["selected"].to_numpy()
     bins = np.histogram_bin_edges(scores, bins=60)
     left.hist(scores[~selected], bins=bins, color="#bbbbbb", label="not selected")
     left.hist(scores[selected], bins=bins, color="#d62728", label="selected")
