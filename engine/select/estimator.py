@@ -1,0 +1,164 @@
+"""The first-order estimator (ALGORITHMS.md section 2): how would a LoRA fine-tuned on a subset
+of the training data do, without training it?
+
+Around the anchor theta*, an example's output is f_i(theta* + P w) ~ f*_i + g_i . w with g_i its
+projected gradient. Fine-tuning on subset S is then the offset logistic regression
+
+    w_S = argmin_w  mean_{i in S} log(1 + exp(-(f*_i + g_i . w))) + lambda ||w||^2,
+
+and its quality on a target is read off f*_val + g_val . w_S: pure linear algebra.
+
+`fit_subsets` solves many subsets at once: a batched Newton method whose steps come from
+conjugate gradients on Hessian-vector products (each a pair of matrix products over the whole
+stack of subsets), with a batched Armijo line search. `fit_subsets_reference` is the plain
+per-subset scipy L-BFGS loop it must agree with. The GradEx variant (EMNLP code) is the same
+problem with f* = 0 and lambda = 1 / (2 C n), whose solution is rescaled to a given norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.errors import SiftError
+
+
+@dataclass
+class Fit:
+    w: torch.Tensor  # (S, d)
+    iterations: int
+    grad_norm: torch.Tensor  # (S,) final gradient norms
+    converged: torch.Tensor  # (S,) bool
+
+
+def _objective(G, f, M, counts, W, lam):
+    z = f + W @ G.T  # (S, n)
+    return (M * torch.nn.functional.softplus(-z)).sum(1) / counts + lam * (W * W).sum(1)
+
+
+def fit_subsets(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, lam: float = 1e-3,
+                max_newton: int = 30, max_cg: int = 50, tol: float = 1e-6) -> Fit:
+    """w for every subset: G (n, d) projected gradients, f (n,) anchor outputs, masks (S, n) bool."""
+    if lam <= 0:
+        raise SiftError(f"lambda must be > 0 (it keeps the fit well-posed), got {lam}")
+    if not (torch.isfinite(G).all() and torch.isfinite(f).all()):
+        raise SiftError("gradient features contain NaN or infinite values; rebuild the store")
+    M = masks.to(G.dtype)
+    counts = M.sum(1)
+    if (counts == 0).any():
+        raise SiftError(f"{int((counts == 0).sum())} subset(s) hold no training rows")
+    S, d = M.shape[0], G.shape[1]
+    W = torch.zeros(S, d, dtype=G.dtype)
+    done = torch.zeros(S, dtype=torch.bool)
+    grad_norm = torch.full((S,), float("inf"), dtype=G.dtype)
+    for iteration in range(1, max_newton + 1):
+        z = f + W @ G.T
+        p = torch.sigmoid(-z)  # -(d/dz) softplus(-z)
+        grad = -((M * p) @ G) / counts[:, None] + 2 * lam * W
+        grad_norm = grad.norm(dim=1)
+        done = grad_norm <= tol * (1 + W.norm(dim=1))
+        if done.all():
+            break
+        h = M * p * (1 - p) / counts[:, None]  # curvature weights (S, n)
+
+        def hvp(V: torch.Tensor) -> torch.Tensor:
+            return (h * (V @ G.T)) @ G + 2 * lam * V
+
+        step = _batched_cg(hvp, grad, max_cg, tol=1e-10)
+        step[done] = 0
+        W = _line_search(G, f, M, counts, W, step, grad, lam)
+    return Fit(W, iteration, grad_norm, done)
+
+
+def _batched_cg(hvp, B: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
+    """Solve A_s x_s = b_s for every row s at once (A_s symmetric positive definite)."""
+    X = torch.zeros_like(B)
+    R = B.clone()
+    P = R.clone()
+    rs = (R * R).sum(1)
+    stop = tol * (B * B).sum(1).clamp_min(1e-300)
+    for _ in range(iters):
+        active = rs > stop
+        if not active.any():
+            break
+        AP = hvp(P)
+        alpha = torch.where(active, rs / (P * AP).sum(1).clamp_min(1e-300), torch.zeros_like(rs))
+        X += alpha[:, None] * P
+        R -= alpha[:, None] * AP
+        rs_new = (R * R).sum(1)
+        beta = torch.where(active, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
+        P = R + beta[:, None] * P
+        rs = rs_new
+    return X
+
+
+def _line_search(G, f, M, counts, W, step, grad, lam, shrink: float = 0.5, tries: int = 20):
+    """Backtracking (Armijo) per subset: full Newton steps where they decrease the loss enough."""
+    base = _objective(G, f, M, counts, W, lam)
+    slope = -(grad * step).sum(1)
+    t = torch.ones(W.shape[0], dtype=W.dtype)
+    accepted = torch.zeros(W.shape[0], dtype=torch.bool)
+    for _ in range(tries):
+        trial = W - t[:, None] * step
+        ok = _objective(G, f, M, counts, trial, lam) <= base + 1e-4 * t * slope
+        accepted |= ok
+        if accepted.all():
+            break
+        t = torch.where(accepted, t, t * shrink)
+    t = torch.where(accepted, t, torch.zeros_like(t))
+    return W - t[:, None] * step
+
+
+def fit_subsets_reference(G: np.ndarray, f: np.ndarray, masks: np.ndarray, lam: float = 1e-3) -> np.ndarray:
+    """One scipy L-BFGS fit per subset: the slow, obviously-correct path."""
+    from scipy.optimize import minimize
+
+    out = np.zeros((len(masks), G.shape[1]))
+    for s, mask in enumerate(masks):
+        Gs, fs = G[mask], f[mask]
+
+        def loss(w, Gs=Gs, fs=fs):
+            z = fs + Gs @ w
+            p = 1 / (1 + np.exp(z))
+            return np.logaddexp(0, -z).mean() + lam * w @ w, -(p @ Gs) / len(fs) + 2 * lam * w
+
+        out[s] = minimize(loss, np.zeros(G.shape[1]), jac=True, method="L-BFGS-B",
+                          options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-15}).x
+    return out
+
+
+def gradex_fit(G: torch.Tensor, masks: torch.Tensor, C: float = 1e-4, norm: float | None = None) -> torch.Tensor:
+    """The GradEx variant: logistic regression raising every g_i . w (random signs only give
+    sklearn two classes), C as in sklearn, optionally rescaled to a norm in parameter space."""
+    counts = masks.sum(1).to(G.dtype)
+    W = torch.stack([
+        fit_subsets(G, torch.zeros(G.shape[0], dtype=G.dtype), masks[s:s + 1], lam=float(1 / (2 * C * counts[s]))).w[0]
+        for s in range(masks.shape[0])
+    ])
+    if norm is not None:
+        W = W * (norm / W.norm(dim=1, keepdim=True).clamp_min(1e-300))
+    return W
+
+
+def gradex_reference(G: np.ndarray, mask: np.ndarray, C: float = 1e-4, seed: int = 0) -> np.ndarray:
+    """sklearn's LogisticRegression on sign-flipped rows, as the EMNLP code did."""
+    from sklearn.linear_model import LogisticRegression
+
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=int(mask.sum()))
+    model = LogisticRegression(C=C, fit_intercept=False, tol=1e-10, max_iter=10_000)
+    model.fit(G[mask] * signs[:, None], (signs > 0).astype(int))
+    return model.coef_[0]
+
+
+@dataclass
+class Scores:
+    loss: torch.Tensor  # (S,) mean logistic loss on the evaluation rows
+    accuracy: torch.Tensor  # (S,) share of evaluation rows with p(gold) > 1/2, i.e. f > 0
+
+
+def linearised_scores(W: torch.Tensor, G_eval: torch.Tensor, f_eval: torch.Tensor) -> Scores:
+    """Quality of each fitted w on evaluation rows, from f*_val + g_val . w alone."""
+    z = f_eval + W @ G_eval.T
+    return Scores(torch.nn.functional.softplus(-z).mean(1), (z > 0).to(W.dtype).mean(1))

@@ -1,0 +1,149 @@
+"""Subsets of tasks scored by the first-order estimator, and the searches built on them.
+
+Everything here works on `TaskGradients`: the training and validation rows of a gradient store,
+joined to their tasks and splits. A subset is a boolean vector over the candidate tasks; the
+target task's own training rows are always in the fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from engine.errors import SiftError
+from engine.features.store import FeatureStore
+from engine.select.estimator import fit_subsets, linearised_scores
+
+MIN_TRAIN_ROWS = 8
+
+
+@dataclass
+class TaskGradients:
+    tasks: list[str]  # every task, in a fixed order
+    G: torch.Tensor  # (n, d) projected gradients
+    f: torch.Tensor  # (n,) anchor outputs f*
+    task: torch.Tensor  # (n,) index into tasks
+    train: torch.Tensor  # (n,) bool: training row (else validation)
+
+    def rows(self, task: str, train: bool) -> torch.Tensor:
+        i = self.tasks.index(task)
+        return (self.task == i) & (self.train == train)
+
+
+def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
+         dtype: torch.dtype = torch.float32) -> TaskGradients:
+    """A gradient store joined to the examples' task and split (ids must match)."""
+    store = FeatureStore(grads)
+    if store.spec.kind != "grads":
+        raise SiftError(f"{grads} is a {store.spec.kind} store; select-tasks needs `sift featurize grads` output")
+    rows = store.rows().with_row_index("row")
+    data_path = Path(data) / "examples.parquet" if Path(data).is_dir() else Path(data)
+    examples = pl.read_parquet(data_path, columns=["id", "task", "split"])
+    joined = rows.drop("task").join(examples, on="id", how="left")
+    if joined["split"].null_count() == joined.height:
+        raise SiftError(f"no id of the gradient store {grads} is in {data_path}; were they built from the same data?")
+    joined = joined.with_columns(pl.col("split").fill_null("train"))
+    vectors = torch.as_tensor(np.asarray(store.vectors()), dtype=dtype)
+    f = torch.as_tensor(joined["f"].to_numpy(), dtype=dtype)
+    if not (torch.isfinite(vectors).all() and torch.isfinite(f).all()):
+        raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
+    tasks = sorted(joined["task"].drop_nulls().unique().to_list())
+    index = {t: i for i, t in enumerate(tasks)}
+    data = TaskGradients(tasks, vectors[joined["row"].to_numpy()], f[joined["row"].to_numpy()],
+                         torch.as_tensor([index[t] for t in joined["task"].to_list()]),
+                         torch.as_tensor((joined["split"] != "validation").to_numpy()))
+    return _top_up(data, top_up, seed) if top_up else data
+
+
+def _top_up(data: TaskGradients, rows: int, seed: int) -> TaskGradients:
+    """Tasks with fewer than `rows` training rows get averages of random pairs of their rows."""
+    rng = np.random.default_rng(seed)
+    G, f, task, train = [data.G], [data.f], [data.task], [data.train]
+    for i, name in enumerate(data.tasks):
+        members = torch.nonzero(data.rows(name, train=True)).flatten().numpy()
+        if len(members) < MIN_TRAIN_ROWS:
+            raise SiftError(f"task {name!r} has {len(members)} training rows; at least {MIN_TRAIN_ROWS} are needed")
+        missing = rows - len(members)
+        if missing > 0:
+            a, b = rng.choice(members, missing), rng.choice(members, missing)
+            G.append((data.G[a] + data.G[b]) / 2)
+            f.append((data.f[a] + data.f[b]) / 2)
+            task.append(torch.full((missing,), i))
+            train.append(torch.ones(missing, dtype=torch.bool))
+    return TaskGradients(data.tasks, torch.cat(G), torch.cat(f), torch.cat(task), torch.cat(train))
+
+
+@dataclass
+class SubsetEstimates:
+    candidates: list[str]  # the tasks a subset may contain
+    subsets: np.ndarray  # (S, len(candidates)) bool
+    loss: np.ndarray  # (S,) estimated target validation loss
+    accuracy: np.ndarray  # (S,)
+
+
+def estimate(data: TaskGradients, targets: list[str], subsets: np.ndarray, candidates: list[str],
+             lam: float = 1e-3) -> SubsetEstimates:
+    """Fit every subset (target training rows always in) and score it on the targets' validation rows."""
+    missing = [t for t in targets if t not in data.tasks]
+    if missing:
+        raise SiftError(f"target task(s) {missing} not in the gradient store (tasks: {', '.join(data.tasks)})")
+    in_target = torch.zeros(len(data.tasks), dtype=torch.bool)
+    in_target[[data.tasks.index(t) for t in targets]] = True
+    chosen = torch.zeros(len(subsets), len(data.tasks), dtype=torch.bool)
+    chosen[:, [data.tasks.index(c) for c in candidates]] = torch.as_tensor(subsets)
+    chosen |= in_target
+    masks = chosen[:, data.task] & data.train
+    evaluation = in_target[data.task] & ~data.train
+    if not evaluation.any():
+        raise SiftError(f"target task(s) {targets} have no validation rows to score on")
+    fit = fit_subsets(data.G, data.f, masks, lam=lam)
+    scores = linearised_scores(fit.w, data.G[evaluation], data.f[evaluation])
+    return SubsetEstimates(candidates, np.asarray(subsets, dtype=bool), scores.loss.double().numpy(),
+                           scores.accuracy.double().numpy())
+
+
+def random_subsets(n: int, count: int, ratio: float, seed: int) -> np.ndarray:
+    """`count` subsets each holding round(ratio * n) of n candidates, seeded."""
+    size = min(n, max(1, round(ratio * n)))
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, n), dtype=bool)
+    for s in range(count):
+        out[s, rng.choice(n, size=size, replace=False)] = True
+    return out
+
+
+def random_ensemble(est: SubsetEstimates) -> np.ndarray:
+    """Per candidate: mean estimated target loss of the subsets that contain it, minus of those
+    that do not (negative = the task helps)."""
+    with_t = np.array([est.loss[est.subsets[:, j]].mean() if est.subsets[:, j].any() else np.nan
+                       for j in range(len(est.candidates))])
+    without_t = np.array([est.loss[~est.subsets[:, j]].mean() if (~est.subsets[:, j]).any() else np.nan
+                          for j in range(len(est.candidates))])
+    return with_t - without_t
+
+
+def ridge_surrogate(est: SubsetEstimates, alpha: float = 1e-2) -> np.ndarray:
+    """Coefficients of loss ~ b0 + sum_t b_t [t in S] (negative = the task helps)."""
+    from sklearn.linear_model import Ridge
+
+    return Ridge(alpha=alpha).fit(est.subsets.astype(float), est.loss).coef_
+
+
+def forward_selection(data: TaskGradients, targets: list[str], candidates: list[str], order: list[str],
+                      lam: float = 1e-3) -> tuple[list[str], list[float]]:
+    """Add candidates in `order`, keeping each one whose addition does not raise the estimated loss."""
+    chosen: list[str] = []
+    current = estimate(data, targets, np.zeros((1, len(candidates)), dtype=bool), candidates, lam).loss[0]
+    trace = [float(current)]
+    for name in order:
+        trial = np.array([[c in chosen or c == name for c in candidates]])
+        loss = estimate(data, targets, trial, candidates, lam).loss[0]
+        if loss <= current:
+            chosen.append(name)
+            current = loss
+        trace.append(float(current))
+    return chosen, trace

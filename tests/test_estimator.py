@@ -1,0 +1,109 @@
+"""The first-order estimator: the batched solver against per-subset references; the searches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import SiftError
+from engine.select import estimator, subsets
+from engine.select.subsets import TaskGradients
+
+
+def _problem(seed=0, n_tasks=5, per=80, d=24):
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(n_tasks * per, d)) * 0.3
+    f = rng.normal(size=n_tasks * per) - 0.5
+    task = np.repeat(np.arange(n_tasks), per)
+    masks = (rng.random((12, n_tasks)) < 0.5)
+    masks[masks.sum(1) == 0, 0] = True
+    return G, f, masks[:, task]
+
+
+def test_batched_newton_matches_per_subset_lbfgs():
+    G, f, masks = _problem()
+    fit = estimator.fit_subsets(torch.tensor(G), torch.tensor(f), torch.tensor(masks), lam=1e-3, tol=1e-10)
+    reference = estimator.fit_subsets_reference(G, f, masks, lam=1e-3)
+    assert fit.converged.all()
+    assert np.abs(fit.w.numpy() - reference).max() <= 1e-5 * np.abs(reference).max() + 1e-8
+
+
+def test_gradex_matches_sklearn_on_sign_flipped_rows():
+    G, _, masks = _problem(seed=1)
+    w = estimator.gradex_fit(torch.tensor(G), torch.tensor(masks[:3]), C=0.5)
+    for s in range(3):
+        reference = estimator.gradex_reference(G, masks[s], C=0.5, seed=s)
+        assert np.allclose(w[s].numpy(), reference, rtol=1e-4, atol=1e-6)
+    scaled = estimator.gradex_fit(torch.tensor(G), torch.tensor(masks[:2]), C=0.5, norm=0.2)
+    assert torch.allclose(scaled.norm(dim=1), torch.full((2,), 0.2, dtype=scaled.dtype))
+
+
+def test_linearised_scores():
+    W = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    G = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    f = torch.tensor([-1.0, 0.5])
+    scores = estimator.linearised_scores(W, G, f)
+    z = torch.tensor([[1.0, 0.5], [-2.0, -2.5]])
+    assert torch.allclose(scores.loss, torch.nn.functional.softplus(-z).mean(1))
+    assert scores.accuracy.tolist() == [1.0, 0.0]
+
+
+def test_bad_fits_are_clear_errors():
+    G, f, masks = _problem()
+    with pytest.raises(SiftError, match="lambda must be > 0"):
+        estimator.fit_subsets(torch.tensor(G), torch.tensor(f), torch.tensor(masks), lam=0)
+    bad = G.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(SiftError, match="NaN or infinite"):
+        estimator.fit_subsets(torch.tensor(bad), torch.tensor(f), torch.tensor(masks))
+    empty = masks.copy()
+    empty[0] = False
+    with pytest.raises(SiftError, match="1 subset\\(s\\) hold no training rows"):
+        estimator.fit_subsets(torch.tensor(G), torch.tensor(f), torch.tensor(empty))
+
+
+def _tasks(seed=0, d=32, per=60):
+    """A target, two helpful tasks (same direction), two harmful (flipped), one unrelated."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    other = rng.normal(size=d)
+    other -= (other @ u) * u
+    other /= np.linalg.norm(other)
+    directions = {"target": u, "help-a": u, "help-b": u, "harm-a": -u, "harm-b": -u, "unrelated": other}
+    G, task, train = [], [], []
+    for i, (name, direction) in enumerate(directions.items()):
+        G.append(direction * 2.0 + 0.5 * rng.normal(size=(per, d)))
+        task += [i] * per
+        train += [True] * (per // 2 if name == "target" else per) + [False] * (per - per // 2 if name == "target" else 0)
+    G = np.vstack(G)
+    return TaskGradients(list(directions), torch.tensor(G), torch.full((len(G),), -1.0, dtype=torch.float64),
+                         torch.tensor(task), torch.tensor(train))
+
+
+def test_searches_rank_helpful_tasks_above_harmful_ones():
+    data = _tasks()
+    candidates = ["help-a", "help-b", "harm-a", "harm-b", "unrelated"]
+    sets = subsets.random_subsets(len(candidates), 60, 0.4, seed=0)
+    est = subsets.estimate(data, ["target"], sets, candidates, lam=1e-2)
+    ensemble = dict(zip(candidates, subsets.random_ensemble(est)))
+    assert max(ensemble["help-a"], ensemble["help-b"]) < ensemble["unrelated"] < min(ensemble["harm-a"], ensemble["harm-b"])
+    ridge = dict(zip(candidates, subsets.ridge_surrogate(est)))
+    assert max(ridge["help-a"], ridge["help-b"]) < 0 < min(ridge["harm-a"], ridge["harm-b"])
+    order = sorted(candidates, key=ensemble.get)
+    chosen, trace = subsets.forward_selection(data, ["target"], candidates, order, lam=1e-2)
+    assert {"help-a", "help-b"} <= set(chosen) and not {"harm-a", "harm-b"} & set(chosen)
+    assert trace == sorted(trace, reverse=True)
+
+
+def test_unknown_target_and_top_up():
+    data = _tasks()
+    with pytest.raises(SiftError, match=r"target task\(s\) \['nope'\] not in the gradient store"):
+        subsets.estimate(data, ["nope"], np.ones((1, 1), dtype=bool), ["help-a"])
+    topped = subsets._top_up(data, rows=100, seed=0)
+    counts = [int(topped.rows(t, train=True).sum()) for t in topped.tasks]
+    assert counts == [100] * len(topped.tasks)
+    few = TaskGradients(["t"], data.G[:3], data.f[:3], torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(SiftError, match="task 't' has 3 training rows; at least 8"):
+        subsets._top_up(few, rows=50, seed=0)
