@@ -84,6 +84,24 @@ def _parser() -> argparse.ArgumentParser:
     _common(select)
     select.set_defaults(run=_select_pool)
 
+    suite = sub.add_parser("suite", help="build the built-in multi-task suite as an ingest folder")
+    suite.add_argument("--out", type=Path)
+    suite.add_argument("--per-task", dest="per_task", type=int)
+    suite.add_argument("--noisy-groups", dest="noisy_groups", type=int)
+    suite.add_argument("--noisy-shuffled", dest="noisy_shuffled", type=int)
+    _common(suite)
+    suite.set_defaults(run=_suite)
+
+    tasks = sub.add_parser("select-tasks", help="estimate which training tasks help a target (first-order estimator)")
+    tasks.add_argument("--data", type=Path, help="examples with task and split (ingest folder or parquet)")
+    tasks.add_argument("--grads", type=Path, help="their gradient store")
+    tasks.add_argument("--target", type=lambda s: s.split(","), help="target task(s), comma-separated")
+    tasks.add_argument("--out", type=Path)
+    tasks.add_argument("--search", choices=["random", "forward"])
+    tasks.add_argument("--subsets", type=int)
+    _common(tasks)
+    tasks.set_defaults(run=_select_tasks)
+
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
     models.set_defaults(run=_models)
@@ -148,6 +166,29 @@ def _select_pool(args: argparse.Namespace) -> None:
 
     cfg = load_config(SelectPoolConfig, args.config, _overrides(args))
     show(select_pool(cfg), cfg.out)
+
+
+def _suite(args: argparse.Namespace) -> None:
+    from engine.config import IngestConfig, SuiteConfig, load_config
+    from engine.data import suite
+    from engine.data.ingest import ingest, show
+
+    cfg = load_config(SuiteConfig, args.config, _overrides(args))
+    if cfg.out is None:
+        raise SiftError("suite needs --out DIR")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    raw = cfg.out / "suite.parquet"
+    suite.build(cfg.per_task, cfg.validation, cfg.seed, cfg.tasks, cfg.noisy_groups, cfg.noisy_shuffled).write_parquet(raw)
+    show(ingest(IngestConfig(inputs=[str(raw)], out=cfg.out, runtime=cfg.runtime)))
+
+
+def _select_tasks(args: argparse.Namespace) -> None:
+    from engine.config import SelectTasksConfig, load_config
+    from engine.select.tasks import select_tasks, show
+
+    cfg = load_config(SelectTasksConfig, args.config, _overrides(args))
+    report = select_tasks(cfg)
+    show(report, cfg.out / "tasks.parquet")
 
 
 def _models(args: argparse.Namespace) -> None:

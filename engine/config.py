@@ -125,6 +125,35 @@ class SelectPoolConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
+class SuiteConfig(StrictModel):
+    """`sift suite`: the built-in multi-task suite as an ingest folder."""
+
+    out: Path | None = None
+    per_task: PositiveInt = 400
+    validation: float = Field(0.2, gt=0, lt=1)
+    tasks: list[str] | None = None
+    noisy_groups: int = Field(0, ge=0, description="extra tasks cut from wordnet-animal-plant")
+    noisy_shuffled: int = Field(0, ge=0, description="how many of those get random labels")
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class SelectTasksConfig(StrictModel):
+    """`sift select-tasks`: which training tasks help the target, by the first-order estimator."""
+
+    data: Path | None = Field(None, description="the examples (ingest folder or parquet) with task and split")
+    grads: Path | None = Field(None, description="their gradient store (`sift featurize grads`)")
+    target: list[str] = Field(default_factory=list)
+    out: Path | None = None
+    search: Literal["random", "forward"] = "random"
+    subsets: PositiveInt = Field(200, description="random subsets to estimate")
+    ratio: float = Field(0.5, gt=0, le=1, description="share of the candidate tasks in each random subset")
+    lam: float = Field(1e-3, gt=0, description="L2 strength of the subset fit")
+    top_up: int = Field(0, ge=0, description="top tasks up to this many training rows by averaging pairs")
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
 class DemoConfig(StrictModel):
     corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
         default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]

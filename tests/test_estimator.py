@@ -107,3 +107,29 @@ def test_unknown_target_and_top_up():
     few = TaskGradients(["t"], data.G[:3], data.f[:3], torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool))
     with pytest.raises(SiftError, match="task 't' has 3 training rows; at least 8"):
         subsets._top_up(few, rows=50, seed=0)
+
+
+def test_suite_to_select_tasks_end_to_end(tmp_path, ray_session):
+    """suite -> gradient store (tiny Llama) -> select-tasks, through the real commands."""
+    import json
+
+    import polars as pl
+
+    from engine.cli import main
+
+    tasks = "[tweet-polarity, wordnet-animal-plant, fortunes-law-politics]"
+    assert main(["suite", "--out", str(tmp_path / "suite"), "--per-task", "40", "--set", f"tasks={tasks}",
+                 "--noisy-groups", "2", "--noisy-shuffled", "1"]) == 0
+    examples = pl.read_parquet(tmp_path / "suite" / "examples.parquet")
+    assert examples["task"].n_unique() == 5 and set(examples["split"]) == {"train", "validation"}
+    assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
+                 "--model", "tiny-llama", "--dim", "64"]) == 0
+    assert main(["select-tasks", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
+                 "--target", "wordnet-animal-plant", "--out", str(tmp_path / "sel"), "--subsets", "30"]) == 0
+    report = json.loads((tmp_path / "sel" / "report.json").read_text())
+    assert set(report["estimates"]) == {"selected", "target only", "all tasks"}
+    scored = pl.read_parquet(tmp_path / "sel" / "tasks.parquet")
+    assert scored.height == 4 and scored["ensemble_score"].is_finite().all()
+    assert (tmp_path / "sel" / "report.png").is_file()
+    assert main(["select-tasks", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
+                 "--target", "nope", "--out", str(tmp_path / "x")]) == 2
