@@ -102,6 +102,18 @@ def _parser() -> argparse.ArgumentParser:
     _common(tasks)
     tasks.set_defaults(run=_select_tasks)
 
+    estimate = sub.add_parser("estimate", help="check the first-order estimator against the model (--calibrate)")
+    estimate.add_argument("--calibrate", action="store_true", required=True,
+                          help="approximation error and real LoRA fine-tunes of random subsets (Ray Tune)")
+    estimate.add_argument("--data", type=Path)
+    estimate.add_argument("--grads", type=Path)
+    estimate.add_argument("--target", type=lambda s: s.split(","))
+    estimate.add_argument("--out", type=Path)
+    estimate.add_argument("--subsets", type=int)
+    estimate.add_argument("--steps", type=int)
+    _common(estimate)
+    estimate.set_defaults(run=_calibrate)
+
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
     models.set_defaults(run=_models)
@@ -189,6 +201,13 @@ def _select_tasks(args: argparse.Namespace) -> None:
     cfg = load_config(SelectTasksConfig, args.config, _overrides(args))
     report = select_tasks(cfg)
     show(report, cfg.out / "tasks.parquet")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from engine.config import CalibrateConfig, load_config
+    from engine.select.calibrate import calibrate, show
+
+    show(calibrate(load_config(CalibrateConfig, args.config, _overrides(args, skip=("run", "config", "set", "calibrate")))))
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -154,6 +154,27 @@ class SelectTasksConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
+class CalibrateConfig(StrictModel):
+    """`sift estimate --calibrate`: how good is the estimator here? Approximation error of the
+    first-order model, and estimates against real LoRA fine-tunes of the same subsets."""
+
+    data: Path | None = None
+    grads: Path | None = None
+    target: list[str] = Field(default_factory=list)
+    out: Path | None = None
+    subsets: PositiveInt = Field(8, description="subsets fine-tuned for real")
+    ratio: float = Field(0.5, gt=0, le=1)
+    lam: float = Field(1e-3, gt=0)
+    scales: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
+                                description="update sizes (multiples of the fitted w) for the approximation error")
+    eval_rows: PositiveInt = Field(200, description="target validation rows used for the approximation error")
+    steps: PositiveInt = Field(60, description="optimizer steps of each real fine-tune")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: PositiveInt = 16
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
 class DemoConfig(StrictModel):
     corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
         default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]

@@ -133,3 +133,24 @@ def test_suite_to_select_tasks_end_to_end(tmp_path, ray_session):
     assert (tmp_path / "sel" / "report.png").is_file()
     assert main(["select-tasks", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
                  "--target", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
+    """`sift estimate --calibrate` end to end on a small suite (tiny Llama, 3 subsets, 5 steps)."""
+    import json
+
+    from engine.cli import main
+
+    tasks = "[tweet-polarity, wordnet-animal-plant, wordnet-person-location, fortunes-law-politics]"
+    assert main(["suite", "--out", str(tmp_path / "suite"), "--per-task", "40", "--set", f"tasks={tasks}"]) == 0
+    assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
+                 "--model", "tiny-llama", "--dim", "32"]) == 0
+    assert main(["estimate", "--calibrate", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
+                 "--target", "wordnet-animal-plant", "--out", str(tmp_path / "cal"), "--subsets", "3",
+                 "--steps", "5", "--set", "eval_rows=16"]) == 0
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert len(report["real_loss"]) == len(report["estimated_loss"]) == 3
+    assert all(np.isfinite(report["real_loss"])) and report["time_ratio"] > 1
+    errors = [a["mean_r2"] for a in report["approximation"]]
+    assert errors == sorted(errors), "first-order error must grow with the update size"
+    assert (tmp_path / "cal" / "calibration.png").is_file()

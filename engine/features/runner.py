@@ -109,6 +109,8 @@ def run(
     if cfg.out is None:
         raise SiftError("featurize needs --out DIR for the feature store")
     store = FeatureStore.prepare(cfg.out, spec, force=cfg.force, replace_mismatch=replace_mismatch)
+    # The full request, so later stages can rebuild the anchor (model, LoRA, projection) exactly.
+    (store.root / "config.json").write_text(cfg.model_dump_json(indent=2, exclude={"runtime"}))
     todo = store.missing_shards()
     stats = RunStats(shards_total=spec.num_shards, shards_done_before=spec.num_shards - len(todo))
     if not todo:

@@ -48,7 +48,7 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
         raise SiftError(f"no id of the gradient store {grads} is in {data_path}; were they built from the same data?")
     joined = joined.with_columns(pl.col("split").fill_null("train"))
     vectors = torch.as_tensor(np.asarray(store.vectors()), dtype=dtype)
-    f = torch.as_tensor(joined["f"].to_numpy(), dtype=dtype)
+    f = torch.tensor(joined["f"].to_numpy(), dtype=dtype)
     if not (torch.isfinite(vectors).all() and torch.isfinite(f).all()):
         raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
     tasks = sorted(joined["task"].drop_nulls().unique().to_list())
