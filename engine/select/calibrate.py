@@ -50,15 +50,17 @@ def _lora_params(featurizer: GradFeaturizer) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in featurizer.score.model.named_parameters() if p.requires_grad}
 
 
-def approximation_error(cfg: CalibrateConfig, data: subsets.TaskGradients, examples: pl.DataFrame,
-                        store_rows: pl.DataFrame, w: torch.Tensor) -> list[dict]:
+def approximation_error(cfg: CalibrateConfig, examples: pl.DataFrame, store_rows: pl.DataFrame,
+                        w: torch.Tensor) -> list[dict]:
     featurizer = _featurizer(cfg.grads)
     target_rows = store_rows.join(examples.select("id", "text", "split"), on="id") \
         .filter(pl.col("task").is_in(cfg.target) & (pl.col("split") == "validation")).head(cfg.eval_rows)
     vectors = FeatureStore(cfg.grads).vectors()[target_rows["row"].to_numpy()]
     encoded = _encoded(featurizer, target_rows)
-    g = torch.as_tensor(vectors, dtype=torch.float64)
-    f_star = torch.as_tensor(target_rows["f"].to_numpy(), dtype=torch.float64)
+    if len(encoded) != target_rows.height:  # stored rows were encodable when featurized
+        raise AssertionError("stored rows no longer encode; was the store built with another tokenizer?")
+    g = torch.tensor(vectors, dtype=torch.float64)
+    f_star = torch.tensor(target_rows["f"].to_numpy(), dtype=torch.float64)
     params = _lora_params(featurizer)
     anchor = {n: p.detach().clone() for n, p in params.items()}
     out = []
@@ -126,7 +128,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     store_rows = FeatureStore(cfg.grads).rows().with_row_index("row")
     first = torch.as_tensor(chosen[:1])
     fit = _fit_for(data, cfg, first, candidates)
-    approximation = approximation_error(cfg, data, examples, store_rows, fit)
+    approximation = approximation_error(cfg, examples, store_rows, fit)
 
     real, real_s = _real_fine_tunes(cfg, chosen, candidates, data_path.resolve(), out)
     estimated = est.loss
