@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--grads", type=Path, help="their gradient store")
     tasks.add_argument("--target", type=lambda s: s.split(","), help="target task(s), comma-separated")
     tasks.add_argument("--out", type=Path)
-    tasks.add_argument("--search", choices=["random", "forward"])
+    tasks.add_argument("--search", choices=["random", "forward", "tune"])
     tasks.add_argument("--subsets", type=int)
     _common(tasks)
     tasks.set_defaults(run=_select_tasks)

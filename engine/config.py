@@ -145,7 +145,7 @@ class SelectTasksConfig(StrictModel):
     grads: Path | None = Field(None, description="their gradient store (`sift featurize grads`)")
     target: list[str] = Field(default_factory=list)
     out: Path | None = None
-    search: Literal["random", "forward"] = "random"
+    search: Literal["random", "forward", "tune"] = "random"
     subsets: PositiveInt = Field(200, description="random subsets to estimate")
     ratio: float = Field(0.5, gt=0, le=1, description="share of the candidate tasks in each random subset")
     lam: float = Field(1e-3, gt=0, description="L2 strength of the subset fit")

@@ -133,6 +133,13 @@ def test_suite_to_select_tasks_end_to_end(tmp_path, ray_session):
     assert (tmp_path / "sel" / "report.png").is_file()
     assert main(["select-tasks", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
                  "--target", "nope", "--out", str(tmp_path / "x")]) == 2
+    tune = ["select-tasks", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
+            "--target", "wordnet-animal-plant", "--out", str(tmp_path / "tune"), "--search", "tune", "--subsets", "4"]
+    assert main(tune) == 0
+    first = pl.read_parquet(tmp_path / "tune" / "subsets.parquet")
+    assert first.height == 4 and first["loss"].is_finite().all()
+    assert main(tune) == 0  # the finished Tune experiment is restored, not rerun
+    assert pl.read_parquet(tmp_path / "tune" / "subsets.parquet").equals(first)
 
 
 def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):

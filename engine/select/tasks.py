@@ -3,7 +3,8 @@
 Random subsets of the candidate tasks are all fitted at once by the first-order estimator; each
 task's random-ensemble score is the mean estimated target loss of the subsets holding it minus
 that of the subsets without it (negative: it helps). `random` keeps the tasks that help;
-`forward` adds tasks in that order while the estimate does not get worse. Outputs: tasks.parquet,
+`forward` adds tasks in that order while the estimate does not get worse; `tune` has Ray Tune
+propose and evaluate the subsets (resumable), then keeps the helpful tasks as `random` does. Outputs: tasks.parquet,
 subsets.parquet, report.json, report.png.
 """
 
@@ -35,8 +36,13 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     candidates = [t for t in data.tasks if t not in cfg.target]
     if not candidates:
         raise SiftError("no candidate tasks besides the target")
-    sets = subsets.random_subsets(len(candidates), cfg.subsets, cfg.ratio, cfg.seed)
-    est = subsets.estimate(data, cfg.target, sets, candidates, lam=cfg.lam)
+    if cfg.search == "tune":
+        from engine.select.tune import tune_subsets
+
+        est = tune_subsets(data, cfg.target, candidates, cfg.subsets, cfg.lam, out / "tune", cfg.seed, cfg.runtime)
+    else:
+        sets = subsets.random_subsets(len(candidates), cfg.subsets, cfg.ratio, cfg.seed)
+        est = subsets.estimate(data, cfg.target, sets, candidates, lam=cfg.lam)
     ensemble = subsets.random_ensemble(est)
     ridge = subsets.ridge_surrogate(est)
     order = [candidates[j] for j in np.argsort(ensemble, kind="stable")]
@@ -86,6 +92,6 @@ def show(report: dict, tasks_file: Path) -> None:
     tasks = pl.read_parquet(tasks_file)
     table(f"Tasks for target {', '.join(report['target'])} ({report['search']} search, {report['subsets']} subsets)",
           ["task", "ensemble score", "ridge coef", "selected"],
-          [(t, round(e, 5), round(r, 5), s) for t, e, r, s in tasks.rows()])
+          [(t, f"{e:+.4f}", f"{r:+.4f}", s) for t, e, r, s in tasks.rows()])
     table("Estimated target quality", ["training set", "loss", "p(gold) > 1/2"],
-          [(name, round(v["loss"], 4), round(v["accuracy"], 3)) for name, v in report["estimates"].items()])
+          [(name, f"{v['loss']:.4f}", f"{v['accuracy']:.3f}") for name, v in report["estimates"].items()])

@@ -1,0 +1,57 @@
+"""Ray Tune over subsets of tasks: each trial proposes a subset (one yes/no choice per candidate
+task), the estimator scores it, Tune keeps the results and can resume an interrupted search.
+
+Random search by default; any Tune searcher that handles categorical spaces (Optuna, HyperOpt,
+when installed) can drive it through `search_alg`. For a few hundred subsets on one machine the
+batched `subsets.estimate` is faster; Tune earns its keep with adaptive searchers and clusters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine import runtime
+from engine.config import RuntimeConfig
+from engine.select import subsets
+
+EXPERIMENT = "select-tasks"
+
+
+def _trial(config: dict, data: subsets.TaskGradients, targets: list[str], candidates: list[str], lam: float) -> None:
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(1)
+    chosen = np.array([[bool(config[c]) for c in candidates]])
+    est = subsets.estimate(data, targets, chosen, candidates, lam=lam)
+    tune.report({"loss": float(est.loss[0]), "accuracy": float(est.accuracy[0])})
+
+
+def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: list[str], samples: int, lam: float,
+                 storage: Path, seed: int, runtime_cfg: RuntimeConfig, search_alg=None) -> subsets.SubsetEstimates:
+    """Estimates of `samples` subsets proposed by Tune; resumes the experiment under `storage`."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    info = runtime.start(runtime_cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, data=data, targets=targets, candidates=candidates, lam=lam), {"cpu": 1})
+    path = Path(storage).resolve() / EXPERIMENT
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={c: tune.choice([False, True]) for c in candidates},
+            tune_config=tune.TuneConfig(
+                metric="loss", mode="min", num_samples=samples,
+                search_alg=search_alg or BasicVariantGenerator(max_concurrent=max(1, int(info.cpus)),
+                                                               random_state=seed)),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(Path(storage).resolve()), verbose=0),
+        )
+    results = tuner.fit()
+    frame = results.get_dataframe().sort_values("trial_id")
+    chosen = np.array([[bool(row[f"config/{c}"]) for c in candidates] for _, row in frame.iterrows()])
+    return subsets.SubsetEstimates(candidates, chosen, frame["loss"].to_numpy(), frame["accuracy"].to_numpy())
