@@ -146,6 +146,11 @@ class SelectTasksConfig(StrictModel):
     target: list[str] = Field(default_factory=list)
     out: Path | None = None
     search: Literal["random", "forward", "tune"] = "random"
+    units: Literal["tasks", "clusters"] = Field("tasks", description="what a subset is made of: whole tasks, or "
+                                                                     "clusters of the candidates' gradients")
+    clusters: PositiveInt = Field(20, description="with units=clusters: agglomerative clusters (cosine, average)")
+    eval: Literal["linear", "forward"] = Field("linear", description="forward: also score the final choices by "
+                                                                     "loading theta* + P w into the model")
     subsets: PositiveInt = Field(200, description="random subsets to estimate")
     ratio: float = Field(0.5, gt=0, le=1, description="share of the candidate tasks in each random subset")
     lam: float = Field(1e-3, gt=0, description="L2 strength of the subset fit")

@@ -125,9 +125,11 @@ def test_suite_to_select_tasks_end_to_end(tmp_path, ray_session):
     assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
                  "--model", "tiny-llama", "--dim", "64"]) == 0
     assert main(["select-tasks", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
-                 "--target", "wordnet-animal-plant", "--out", str(tmp_path / "sel"), "--subsets", "30"]) == 0
+                 "--target", "wordnet-animal-plant", "--out", str(tmp_path / "sel"), "--subsets", "30",
+                 "--set", "eval=forward"]) == 0
     report = json.loads((tmp_path / "sel" / "report.json").read_text())
     assert set(report["estimates"]) == {"selected", "target only", "all tasks"}
+    assert all(np.isfinite(v["forward_loss"]) for v in report["estimates"].values())
     scored = pl.read_parquet(tmp_path / "sel" / "tasks.parquet")
     assert scored.height == 4 and scored["ensemble_score"].is_finite().all()
     assert (tmp_path / "sel" / "report.png").is_file()
@@ -161,3 +163,22 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
     errors = [a["mean_r2"] for a in report["approximation"]]
     assert errors[0] < errors[-1], "a 8x larger update must leave the first-order regime further"
     assert (tmp_path / "cal" / "calibration.png").is_file()
+
+
+def test_clusters_of_gradients_become_the_units():
+    data = _tasks()
+    clustered, mix = subsets.cluster_units(data, ["target"], clusters=3, seed=0)
+    assert clustered.tasks[0] == "target" and len(clustered.tasks) == 4
+    def kind(members: dict[str, int]) -> str:
+        """help / harm / unrelated when at least 90% of a cluster's rows are of that kind."""
+        for name in ("help", "harm", "unrelated"):
+            if sum(n for t, n in members.items() if t.startswith(name)) >= 0.9 * sum(members.values()):
+                return name
+        return "mixed"
+
+    kinds = {c: kind(m) for c, m in mix.items()}
+    assert sorted(kinds.values()) == ["harm", "help", "unrelated"], mix
+    candidates = clustered.tasks[1:]
+    est = subsets.estimate(clustered, ["target"], subsets.random_subsets(3, 30, 0.5, 0), candidates, lam=1e-2)
+    effect = {kinds[c]: e for c, e in zip(candidates, subsets.random_ensemble(est))}
+    assert effect["help"] < 0 < effect["harm"]

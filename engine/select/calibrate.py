@@ -19,67 +19,35 @@ import polars as pl
 import torch
 
 from engine import runtime
-from engine.config import CalibrateConfig, GradsConfig
+from engine.config import CalibrateConfig
 from engine.errors import SiftError
-from engine.features import answers
-from engine.features.grads import GradFeaturizer
 from engine.features.store import FeatureStore
 from engine.select import subsets
-
-
-def _featurizer(grads: Path) -> GradFeaturizer:
-    path = Path(grads) / "config.json"
-    if not path.is_file():
-        raise SiftError(f"{grads}: no config.json; rebuild the store with this version of `sift featurize grads`")
-    return GradFeaturizer(GradsConfig.model_validate_json(path.read_text()), threads=torch.get_num_threads())
-
-
-def _encoded(featurizer: GradFeaturizer, frame: pl.DataFrame) -> list:
-    out = [featurizer.encode(row) for row in frame.iter_rows(named=True)]
-    return [e for e in out if not isinstance(e, str)]
-
-
-def _scores(featurizer: GradFeaturizer, encoded: list, batch: int = 32) -> torch.Tensor:
-    pad = featurizer.tokenizer.pad_token_id
-    with torch.no_grad():
-        return torch.cat([featurizer.score(*answers.collate(encoded[i:i + batch], pad).tensors())
-                          for i in range(0, len(encoded), batch)])
-
-
-def _lora_params(featurizer: GradFeaturizer) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in featurizer.score.model.named_parameters() if p.requires_grad}
+from engine.select.anchor import Anchor
 
 
 def approximation_error(cfg: CalibrateConfig, examples: pl.DataFrame, store_rows: pl.DataFrame,
                         w: torch.Tensor) -> list[dict]:
-    featurizer = _featurizer(cfg.grads)
+    anchor = Anchor(cfg.grads)
     target_rows = store_rows.join(examples.select("id", "text", "split"), on="id") \
         .filter(pl.col("task").is_in(cfg.target) & (pl.col("split") == "validation")).head(cfg.eval_rows)
     vectors = FeatureStore(cfg.grads).vectors()[target_rows["row"].to_numpy()]
-    encoded = _encoded(featurizer, target_rows)
+    encoded = anchor.encode(target_rows)
     if len(encoded) != target_rows.height:  # stored rows were encodable when featurized
         raise AssertionError("stored rows no longer encode; was the store built with another tokenizer?")
     g = torch.tensor(vectors, dtype=torch.float64)
     f_star = torch.tensor(target_rows["f"].to_numpy(), dtype=torch.float64)
-    params = _lora_params(featurizer)
-    anchor = {n: p.detach().clone() for n, p in params.items()}
     out = []
     for scale in cfg.scales:
-        lifted = featurizer.projector.lift(w.float() * scale)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(anchor[name] + lifted[name].view_as(p))
-        f_real = _scores(featurizer, encoded).double()
+        norm = anchor.load(w * scale)
+        f_real = anchor.scores(encoded).double()
         linear = f_star + scale * (g @ w.double())
         denominator = torch.maximum(f_real.abs(), f_star.abs()).clamp_min(1e-12)
         r = (linear - f_real).abs() / denominator
         r0 = (f_star - f_real).abs() / denominator
-        out.append({"scale": scale, "update_norm": float(sum(v.norm() ** 2 for v in lifted.values()) ** 0.5),
-                    "mean_r2": float((r ** 2).mean()), "mean_r2_without_gradient": float((r0 ** 2).mean()),
-                    "rows": len(encoded)})
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(anchor[name])
+        out.append({"scale": scale, "update_norm": norm, "mean_r2": float((r ** 2).mean()),
+                    "mean_r2_without_gradient": float((r0 ** 2).mean()), "rows": len(encoded)})
+    anchor.reset()
     return out
 
 
@@ -90,23 +58,21 @@ def fine_tune(trial: dict) -> None:
     trial = {**trial, **trial["trial"]}  # the grid-searched part, flattened (never mutate Tune's config)
     torch.set_num_threads(1)
     torch.manual_seed(trial["seed"])
-    featurizer = _featurizer(Path(trial["grads"]))
+    anchor = Anchor(Path(trial["grads"]), threads=1)
     examples = pl.read_parquet(trial["examples"])
-    train = _encoded(featurizer, examples.filter(pl.col("task").is_in(trial["tasks"]) & (pl.col("split") == "train")))
-    evaluation = _encoded(featurizer, examples.filter(pl.col("task").is_in(trial["target"])
-                                                      & (pl.col("split") == "validation")))
-    params = list(_lora_params(featurizer).values())
-    optimizer = torch.optim.AdamW(params, lr=trial["lr"], weight_decay=0.0)
+    train = anchor.encode(examples.filter(pl.col("task").is_in(trial["tasks"]) & (pl.col("split") == "train")))
+    evaluation = anchor.encode(examples.filter(pl.col("task").is_in(trial["target"])
+                                               & (pl.col("split") == "validation")))
+    optimizer = torch.optim.AdamW(anchor.trainable(), lr=trial["lr"], weight_decay=0.0)
     rng = np.random.default_rng(trial["seed"])
-    pad = featurizer.tokenizer.pad_token_id
     started = time.perf_counter()
     for _ in range(trial["steps"]):
         batch = [train[i] for i in rng.choice(len(train), size=min(trial["batch_size"], len(train)), replace=False)]
-        loss = torch.nn.functional.softplus(-featurizer.score(*answers.collate(batch, pad).tensors())).mean()
+        loss = torch.nn.functional.softplus(-anchor.f(batch)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    f = _scores(featurizer, evaluation)
+    f = anchor.scores(evaluation)
     tune.report({"loss": float(torch.nn.functional.softplus(-f).mean()), "accuracy": float((f > 0).float().mean()),
                  "train_seconds": time.perf_counter() - started})
 

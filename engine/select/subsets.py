@@ -54,8 +54,8 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
     tasks = sorted(joined["task"].drop_nulls().unique().to_list())
     index = {t: i for i, t in enumerate(tasks)}
     data = TaskGradients(tasks, vectors[joined["row"].to_numpy()], f[joined["row"].to_numpy()],
-                         torch.as_tensor([index[t] for t in joined["task"].to_list()]),
-                         torch.as_tensor((joined["split"] != "validation").to_numpy()))
+                         torch.tensor([index[t] for t in joined["task"].to_list()]),
+                         torch.tensor((joined["split"] != "validation").to_numpy()))
     return _top_up(data, top_up, seed) if top_up else data
 
 
@@ -75,6 +75,42 @@ def _top_up(data: TaskGradients, rows: int, seed: int) -> TaskGradients:
             task.append(torch.full((missing,), i))
             train.append(torch.ones(missing, dtype=torch.bool))
     return TaskGradients(data.tasks, torch.cat(G), torch.cat(f), torch.cat(task), torch.cat(train))
+
+
+def cluster_units(data: TaskGradients, targets: list[str], clusters: int, seed: int = 0,
+                  max_rows: int = 8000) -> tuple[TaskGradients, dict[str, dict[str, int]]]:
+    """The candidates' training rows regrouped into clusters of their projected gradients
+    (agglomerative, cosine distance, average linkage), which become the units subsets are made
+    of. Clustering runs on at most `max_rows` rows (it is quadratic); the rest join the cluster
+    whose mean direction is closest. Returns the regrouped data and each cluster's task mix."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    target_ids = torch.tensor([data.tasks.index(t) for t in targets])
+    candidate = ~torch.isin(data.task, target_ids) & data.train
+    rows = torch.nonzero(candidate).flatten().numpy()
+    if len(rows) < clusters:
+        raise SiftError(f"{len(rows)} candidate rows cannot form {clusters} clusters")
+    unit = torch.nn.functional.normalize(data.G[rows].double(), dim=1).numpy()
+    rng = np.random.default_rng(seed)
+    fitted = np.sort(rng.choice(len(rows), size=min(len(rows), max_rows), replace=False))
+    labels = np.empty(len(rows), dtype=np.int64)
+    labels[fitted] = AgglomerativeClustering(n_clusters=clusters, metric="cosine", linkage="average") \
+        .fit_predict(unit[fitted])
+    if len(fitted) < len(rows):
+        centroids = np.stack([unit[fitted][labels[fitted] == k].mean(0) for k in range(clusters)])
+        rest = np.setdiff1d(np.arange(len(rows)), fitted)
+        labels[rest] = np.argmax(unit[rest] @ centroids.T, axis=1)
+    names = [*targets, *[f"cluster-{k:03d}" for k in range(clusters)]]
+    keep = torch.isin(data.task, target_ids) | candidate
+    new_task = data.task.clone()
+    for i, t in enumerate(targets):
+        new_task[data.task == data.tasks.index(t)] = i
+    new_task[rows] = torch.as_tensor(labels + len(targets))
+    mix: dict[str, dict[str, int]] = {}
+    for k in range(clusters):
+        members = data.task[rows[labels == k]].tolist()
+        mix[names[len(targets) + k]] = {data.tasks[t]: members.count(t) for t in sorted(set(members))}
+    return TaskGradients(names, data.G[keep], data.f[keep], new_task[keep], data.train[keep]), mix
 
 
 @dataclass

@@ -33,6 +33,9 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     missing = [t for t in cfg.target if t not in data.tasks]
     if missing:
         raise SiftError(f"target task(s) {missing} not in the gradient store (tasks: {', '.join(data.tasks)})")
+    mix = None
+    if cfg.units == "clusters":
+        data, mix = subsets.cluster_units(data, cfg.target, cfg.clusters, cfg.seed)
     candidates = [t for t in data.tasks if t not in cfg.target]
     if not candidates:
         raise SiftError("no candidate tasks besides the target")
@@ -53,6 +56,11 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     finals = np.array([[c in chosen for c in candidates], [False] * len(candidates), [True] * len(candidates)])
     final = subsets.estimate(data, cfg.target, finals, candidates, lam=cfg.lam)
 
+    estimates = {name: {"loss": float(final.loss[i]), "accuracy": float(final.accuracy[i])}
+                 for i, name in enumerate(["selected", "target only", "all tasks"])}
+    if cfg.eval == "forward":
+        _forward(cfg, data, candidates, finals, estimates)
+
     tasks = pl.DataFrame({"task": candidates, "ensemble_score": ensemble, "ridge_coef": ridge,
                           "selected": [c in chosen for c in candidates]}).sort("ensemble_score")
     tasks.write_parquet(out / "tasks.parquet")
@@ -60,14 +68,37 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
                   "loss": est.loss, "accuracy": est.accuracy}).write_parquet(out / "subsets.parquet")
     report = {
         "target": cfg.target, "search": cfg.search, "selected": chosen,
-        "estimates": {name: {"loss": float(final.loss[i]), "accuracy": float(final.accuracy[i])}
-                      for i, name in enumerate(["selected", "target only", "all tasks"])},
+        "estimates": estimates, "units": cfg.units, "clusters": mix,
         "forward_trace": trace, "subsets": cfg.subsets, "seconds": round(time.perf_counter() - started, 3),
         "config": cfg.model_dump(mode="json"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plot(tasks, out / "report.png", cfg.target)
     return report
+
+
+def _forward(cfg: SelectTasksConfig, data: subsets.TaskGradients, candidates: list[str], finals: np.ndarray,
+             estimates: dict) -> None:
+    """Score the final choices for real: theta* + P w loaded into the anchor model."""
+    import torch
+
+    from engine.select.anchor import Anchor
+    from engine.select.estimator import fit_subsets
+
+    anchor = Anchor(cfg.grads)
+    data_path = Path(cfg.data) / "examples.parquet" if Path(cfg.data).is_dir() else Path(cfg.data)
+    examples = pl.read_parquet(data_path)
+    evaluation = anchor.encode(examples.filter(pl.col("task").is_in(cfg.target) & (pl.col("split") == "validation")))
+    in_fit = torch.zeros(len(finals), len(data.tasks), dtype=torch.bool)
+    in_fit[:, [data.tasks.index(c) for c in candidates]] = torch.as_tensor(finals)
+    in_fit[:, [data.tasks.index(t) for t in cfg.target]] = True
+    fit = fit_subsets(data.G, data.f, in_fit[:, data.task] & data.train, lam=cfg.lam)
+    for w, name in zip(fit.w, estimates):
+        anchor.load(w)
+        f = anchor.scores(evaluation)
+        estimates[name]["forward_loss"] = float(torch.nn.functional.softplus(-f).mean())
+        estimates[name]["forward_accuracy"] = float((f > 0).float().mean())
+    anchor.reset()
 
 
 def _plot(tasks: pl.DataFrame, path: Path, target: list[str]) -> None:
@@ -93,5 +124,9 @@ def show(report: dict, tasks_file: Path) -> None:
     table(f"Tasks for target {', '.join(report['target'])} ({report['search']} search, {report['subsets']} subsets)",
           ["task", "ensemble score", "ridge coef", "selected"],
           [(t, f"{e:+.4f}", f"{r:+.4f}", s) for t, e, r, s in tasks.rows()])
-    table("Estimated target quality", ["training set", "loss", "p(gold) > 1/2"],
-          [(name, f"{v['loss']:.4f}", f"{v['accuracy']:.3f}") for name, v in report["estimates"].items()])
+    forward = all("forward_loss" in v for v in report["estimates"].values())
+    table("Estimated target quality", ["training set", "loss", "p(gold) > 1/2",
+                                       *(["forward loss", "forward p(gold) > 1/2"] if forward else [])],
+          [(name, f"{v['loss']:.4f}", f"{v['accuracy']:.3f}",
+            *([f"{v['forward_loss']:.4f}", f"{v['forward_accuracy']:.3f}"] if forward else []))
+           for name, v in report["estimates"].items()])
