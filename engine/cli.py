@@ -114,6 +114,17 @@ def _parser() -> argparse.ArgumentParser:
     _common(estimate)
     estimate.set_defaults(run=_calibrate)
 
+    train = sub.add_parser("train-lora", help="fit one LoRA/QLoRA on tasks with Ray Train (best epoch kept)")
+    train.add_argument("--data", type=Path)
+    train.add_argument("--model")
+    train.add_argument("--out", type=Path)
+    train.add_argument("--tasks", type=lambda s: s.split(","))
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--workers", type=int)
+    train.add_argument("--qlora", dest="quantize", action="store_const", const="nf4", help="4-bit nf4 base")
+    _common(train)
+    train.set_defaults(run=_train_lora)
+
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
     models.set_defaults(run=_models)
@@ -208,6 +219,18 @@ def _calibrate(args: argparse.Namespace) -> None:
     from engine.select.calibrate import calibrate, show
 
     show(calibrate(load_config(CalibrateConfig, args.config, _overrides(args, skip=("run", "config", "set", "calibrate")))))
+
+
+def _train_lora(args: argparse.Namespace) -> None:
+    from engine.config import LoraTrainConfig, load_config
+    from engine.report import table
+    from engine.train.lora import train_lora
+
+    report = train_lora(load_config(LoraTrainConfig, args.config, _overrides(args)))
+    table(f"train-lora -> {report['adapter']}", ["epoch", "train loss", "val loss", "val accuracy"],
+          [(m["epoch"], round(m["train_loss"], 4), round(m["val_loss"], 4), round(m["val_accuracy"], 3))
+           for m in report["history"]])
+    print(f"best epoch {report['best']['epoch']} (validation accuracy {report['best']['val_accuracy']:.3f})")
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -180,6 +180,30 @@ class CalibrateConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
+class LoraTrainConfig(StrictModel):
+    """`sift train-lora`: one LoRA (or QLoRA) fitted on tasks' training rows with Ray Train; the
+    multitask meta-initialisation anchor of the estimator, and the unit of the adapter ensemble."""
+
+    data: Path | None = None
+    out: Path | None = None
+    model: str | None = None
+    adapter: Path | None = Field(None, description="start from this adapter instead of a fresh LoRA")
+    tasks: list[str] | None = Field(None, description="tasks to train on; default all")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantize: Literal["none", "nf4"] = "none"
+    prompt: str = "{text}\nAnswer:"
+    answer: str = " {label}"
+    max_length: PositiveInt = 128
+    epochs: PositiveInt = 2
+    steps_per_epoch: PositiveInt | None = Field(None, description="default: one pass over the training rows")
+    batch_size: PositiveInt = 16
+    lr: float = Field(1e-3, gt=0)
+    workers: PositiveInt = Field(1, description="Ray Train workers (data parallel, gloo on CPU)")
+    trust_remote_code: bool = False
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
 class DemoConfig(StrictModel):
     corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
         default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]

@@ -182,3 +182,42 @@ def test_clusters_of_gradients_become_the_units():
     est = subsets.estimate(clustered, ["target"], subsets.random_subsets(3, 30, 0.5, 0), candidates, lam=1e-2)
     effect = {kinds[c]: e for c, e in zip(candidates, subsets.random_ensemble(est))}
     assert effect["help"] < 0 < effect["harm"]
+
+
+def test_train_lora_with_ray_train_resumes_and_anchors_features(tmp_path, ray_session):
+    """Two data-parallel workers, best epoch kept, a rerun resumes; the adapter anchors a gradient store."""
+    import json
+
+    from engine.cli import main
+    from engine.config import LoraTrainConfig
+    from engine.train.lora import train_lora
+
+    assert main(["suite", "--out", str(tmp_path / "suite"), "--per-task", "40", "--set",
+                 "tasks=[tweet-polarity, wordnet-animal-plant]"]) == 0
+    cfg = LoraTrainConfig(data=tmp_path / "suite", model="tiny-llama", out=tmp_path / "anchor", epochs=2, workers=2,
+                          steps_per_epoch=4, batch_size=8)
+    first = train_lora(cfg)
+    assert [m["epoch"] for m in first["history"]] == [0, 1]
+    best = max(first["history"], key=lambda m: (m["val_accuracy"], -m["val_loss"]))
+    assert first["best"]["epoch"] == best["epoch"]
+    resumed = train_lora(cfg.model_copy(update={"epochs": 3}))
+    assert [m["epoch"] for m in resumed["history"]] == [0, 1, 2]
+    assert resumed["history"][:2] == first["history"]  # epochs 0-1 restored, not retrained
+    assert (tmp_path / "anchor" / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
+                 "--model", "tiny-llama", "--adapter", str(tmp_path / "anchor" / "adapter"), "--dim", "16"]) == 0
+    manifest = json.loads((tmp_path / "grads" / "manifest.json").read_text())
+    assert manifest["fingerprint"]["adapter"].startswith("adapter@")
+    with pytest.raises(SiftError, match=r"task\(s\) \['nope'\] not in"):
+        train_lora(cfg.model_copy(update={"tasks": ["nope"], "out": tmp_path / "x"}))
+
+
+def test_qlora_trains_on_cpu(tmp_path, ray_session):
+    from engine.config import LoraTrainConfig
+    from engine.data import suite
+    from engine.train.lora import train_lora
+
+    suite.build(per_task=24, tasks=["wordnet-animal-plant"]).write_parquet(tmp_path / "s.parquet")
+    report = train_lora(LoraTrainConfig(data=tmp_path / "s.parquet", model="tiny-llama", out=tmp_path / "q",
+                                        quantize="nf4", epochs=1, steps_per_epoch=2, batch_size=4))
+    assert np.isfinite(report["best"]["train_loss"]) and np.isfinite(report["best"]["val_loss"])

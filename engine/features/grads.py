@@ -22,7 +22,8 @@ from engine.models import builtin, load, lora
 
 
 def anchor_model(cfg: GradsConfig):
-    """The model whose LoRA gradients are taken: eval mode, only adapter weights trainable."""
+    """The model whose LoRA gradients are taken: eval mode, only adapter weights trainable.
+    (Any config with model, adapter, lora, quantize and trust_remote_code will do.)"""
     path = builtin.resolve(cfg.model)
     base = load.load_causal_lm(path, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     if cfg.adapter is not None:
@@ -35,6 +36,14 @@ def anchor_model(cfg: GradsConfig):
         if "lora_" in name:
             param.requires_grad_(True)
     return load.load_tokenizer(path, cfg.trust_remote_code), model.eval()
+
+
+def encode_row(tokenizer, cfg, row: dict) -> answers.Encoded | str:
+    """A row's prompt + answer ids from cfg.prompt / cfg.answer / cfg.max_length, or a reason."""
+    if row.get("label") is None and "{label}" in cfg.answer:
+        return "missing label (gradient features need an answer)"
+    fields = {"text": row["text"], "task": row.get("task") or "", "label": row.get("label") or ""}
+    return answers.encode(tokenizer, cfg.prompt.format(**fields), cfg.answer.format(**fields), cfg.max_length)
 
 
 class GradFeaturizer:
@@ -50,11 +59,7 @@ class GradFeaturizer:
         self.projector = Projector(sizes, cfg.dim, cfg.seed, cfg.projection_cache_mb, self.device)
 
     def encode(self, row: dict) -> answers.Encoded | str:
-        if row.get("label") is None and "{label}" in self.cfg.answer:
-            return "missing label (gradient features need an answer)"
-        fields = {"text": row["text"], "task": row.get("task") or "", "label": row.get("label") or ""}
-        return answers.encode(self.tokenizer, self.cfg.prompt.format(**fields), self.cfg.answer.format(**fields),
-                              self.cfg.max_length)
+        return encode_row(self.tokenizer, self.cfg, row)
 
     def __call__(self, frame: pl.DataFrame) -> runner.Featurized:
         n = frame.height

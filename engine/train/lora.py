@@ -1,0 +1,143 @@
+"""`sift train-lora`: fit one LoRA (QLoRA with --qlora: the same code on a 4-bit base) on the
+training rows of some tasks, with Ray Train's TorchTrainer (data parallel, gloo on CPU).
+
+The loss is cross-entropy on the answer, computed as softplus(-f) with f the answer score the
+estimator uses (for a one-token answer, softplus(-log(p/(1-p))) = -log p). Every epoch is
+evaluated on the tasks' validation rows and checkpointed as a PEFT adapter (safetensors); the
+best epoch by validation accuracy is kept in OUT/adapter. A rerun with the same OUT resumes from
+the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from engine import runtime
+from engine.config import LoraTrainConfig
+from engine.errors import SiftError
+from engine.features.grads import anchor_model, encode_row
+from engine.features import answers
+from engine.features.per_example import AnswerScore
+
+ADAPTER = "adapter"
+
+
+def _rows(cfg: LoraTrainConfig, split: str) -> pl.DataFrame:
+    path = Path(cfg.data) / "examples.parquet" if Path(cfg.data).is_dir() else Path(cfg.data)
+    frame = pl.read_parquet(path)
+    if cfg.tasks is not None:
+        missing = sorted(set(cfg.tasks) - set(frame["task"].unique()))
+        if missing:
+            raise SiftError(f"task(s) {missing} not in {path}")
+        frame = frame.filter(pl.col("task").is_in(cfg.tasks))
+    return frame.filter(pl.col("split").fill_null("train") == split)
+
+
+def _evaluate(score: AnswerScore, encoded: list, pad: int, batch: int = 32) -> dict:
+    if not encoded:
+        return {"val_loss": float("nan"), "val_accuracy": float("nan")}
+    with torch.no_grad():
+        f = torch.cat([score(*answers.collate(encoded[i:i + batch], pad).tensors()) for i in range(0, len(encoded), batch)])
+    return {"val_loss": float(torch.nn.functional.softplus(-f).mean()), "val_accuracy": float((f > 0).float().mean())}
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = LoraTrainConfig.model_validate(config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    tokenizer, model = anchor_model(cfg)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER / "adapter_model.safetensors")))
+            start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
+    score = AnswerScore(model)
+    train = [e for e in (encode_row(tokenizer, cfg, r) for r in _rows(cfg, "train").iter_rows(named=True))
+             if not isinstance(e, str)][rank::world]
+    validation = [e for e in (encode_row(tokenizer, cfg, r) for r in _rows(cfg, "validation").iter_rows(named=True))
+                  if not isinstance(e, str)]
+    trained = ray.train.torch.prepare_model(score) if world > 1 else score
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
+    pad = tokenizer.pad_token_id
+    for epoch in range(start_epoch, cfg.epochs):
+        rng = np.random.default_rng(cfg.seed * 1000 + epoch * 17 + rank)
+        model.train()
+        losses = []
+        for _ in range(steps):
+            batch = [train[i] for i in rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)]
+            loss = torch.nn.functional.softplus(-trained(*answers.collate(batch, pad).tensors())).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, pad)}
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                model.save_pretrained(str(Path(folder) / ADAPTER))
+                (Path(folder) / "state.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+
+
+def _fingerprint(cfg: LoraTrainConfig) -> str:
+    """Runs resume only when what they train is the same (more epochs or workers may change)."""
+    import hashlib
+
+    settings = cfg.model_dump(mode="json", exclude={"epochs", "workers", "runtime", "out"})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_lora(cfg: LoraTrainConfig) -> dict:
+    if cfg.data is None or cfg.out is None or cfg.model is None:
+        raise SiftError("train-lora needs --data, --model and --out")
+    if not _rows(cfg, "train").height:
+        raise SiftError(f"no training rows for tasks {cfg.tasks or 'all'} in {cfg.data}")
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    info = runtime.start(cfg.runtime)
+    out = Path(cfg.out).resolve()
+    workers = min(cfg.workers, max(1, int(info.cpus)))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"train-lora-{_fingerprint(cfg)}", storage_path=str(out / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.epochs)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise SiftError(f"training failed: {str(result.error).splitlines()[0]}")
+    history = []
+    best = None
+    for checkpoint, metrics in result.best_checkpoints:
+        history.append(metrics)
+        if best is None or metrics["val_accuracy"] > best[1]["val_accuracy"] or (
+                metrics["val_accuracy"] == best[1]["val_accuracy"] and metrics["val_loss"] < best[1]["val_loss"]):
+            best = (checkpoint, metrics)
+    if best is None:
+        raise SiftError("training reported no checkpoint")
+    with best[0].as_directory() as folder:
+        shutil.rmtree(out / ADAPTER, ignore_errors=True)
+        shutil.copytree(Path(folder) / ADAPTER, out / ADAPTER)
+    report = {"best": best[1], "history": sorted(history, key=lambda m: m["epoch"]), "adapter": str(out / ADAPTER),
+              "workers": workers, "config": cfg.model_dump(mode="json")}
+    (out / "train.json").write_text(json.dumps(report, indent=2))
+    return report
