@@ -5,7 +5,8 @@ Prints one JSON object.
     python jobs/bench/estimator_suite.py --model tiny-llama --layers ""
 
 Steps (all through the `sift` commands): suite with 4 noisy groups of wordnet-animal-plant (2 with
-shuffled labels) -> projected gradients -> select-tasks for the target -> estimate --calibrate.
+shuffled labels) -> [--anchor meta: train-lora on every task] -> projected gradients at the anchor
+-> select-tasks for the target -> estimate --calibrate.
 The noisy-label check passes when both clean groups rank above both shuffled ones.
 """
 
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--calibrate-subsets", type=int, default=6)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--lam", type=float, default=1e-2)
+    parser.add_argument("--anchor", choices=["fresh", "meta"], default="fresh",
+                        help="meta: first train one LoRA on every task (train-lora), take gradients there")
+    parser.add_argument("--meta-epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-estimator"))
     args = parser.parse_args()
     out = args.out
@@ -50,6 +54,15 @@ def main() -> None:
              "--max-length", "64", "--dim", "400"]
     if args.layers:
         grads += ["--layers", args.layers]
+    if args.anchor == "meta":
+        t = time.perf_counter()
+        train = ["train-lora", "--data", str(out / "suite"), "--model", args.model, "--out", str(out / "anchor"),
+                 "--epochs", str(args.meta_epochs), "--set", "max_length=64"]
+        if args.layers:
+            train += ["--set", f"lora.layers=[{args.layers}]"]
+        run(*train)
+        timings["meta_anchor_s"] = round(time.perf_counter() - t, 1)
+        grads += ["--adapter", str(out / "anchor" / "adapter")]
     t = time.perf_counter()
     run(*grads)
     timings["grads_s"] = round(time.perf_counter() - t, 1)
@@ -67,7 +80,7 @@ def main() -> None:
     timings["calibrate_s"] = round(time.perf_counter() - t, 1)
     calibration = json.loads((out / "calibrate" / "calibration.json").read_text())
     result = {
-        "model": args.model, "lora_layers": args.layers or "all", "target": args.target,
+        "model": args.model, "lora_layers": args.layers or "all", "target": args.target, "anchor": args.anchor,
         "task_ranking": dict(zip(tasks["task"].to_list(), [round(v, 5) for v in tasks["ensemble_score"]])),
         "noisy_check_passed": max(rank[c] for c in clean) < min(rank[s] for s in shuffled),
         "selected": json.loads((out / "select" / "report.json").read_text())["selected"],
