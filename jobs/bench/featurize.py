@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
 import torch
 
 from engine import runtime
