@@ -189,6 +189,8 @@ class LoraTrainConfig(StrictModel):
     model: str | None = None
     adapter: Path | None = Field(None, description="start from this adapter instead of a fresh LoRA")
     tasks: list[str] | None = Field(None, description="tasks to train on; default all")
+    objective: Literal["answer", "lm"] = Field("answer", description="answer: CE on the answer; lm: causal LM "
+                                                                      "loss over the whole text (adaptation)")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantize: Literal["none", "nf4"] = "none"
     prompt: str = "{text}\nAnswer:"

@@ -221,3 +221,21 @@ def test_qlora_trains_on_cpu(tmp_path, ray_session):
     report = train_lora(LoraTrainConfig(data=tmp_path / "s.parquet", model="tiny-llama", out=tmp_path / "q",
                                         quantize="nf4", epochs=1, steps_per_epoch=2, batch_size=4))
     assert np.isfinite(report["best"]["train_loss"]) and np.isfinite(report["best"]["val_loss"])
+
+
+def test_lm_objective_adapts_to_raw_texts(tmp_path, ray_session):
+    import polars as pl
+
+    from engine.config import LoraTrainConfig
+    from engine.data import corpora
+    from engine.train.lora import train_lora
+
+    texts = corpora.load("wordnet").sample(120, seed=0).with_columns(
+        split=pl.when(pl.int_range(pl.len()) < 20).then(pl.lit("validation")).otherwise(pl.lit("train")),
+        label=pl.lit(None, dtype=pl.String))
+    texts.write_parquet(tmp_path / "texts.parquet")
+    report = train_lora(LoraTrainConfig(data=tmp_path / "texts.parquet", model="tiny-llama", out=tmp_path / "lm",
+                                        objective="lm", epochs=2, steps_per_epoch=10, batch_size=8, lr=1e-2))
+    first, second = report["history"]
+    assert second["val_loss"] < first["val_loss"]  # in-domain text gets likelier
+    assert report["best"]["epoch"] == 1

@@ -22,6 +22,14 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int) -> Encoded | st
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
+def encode_text(tokenizer, text: str, max_length: int) -> Encoded | str:
+    """A whole text as the 'answer' after its first token: for a causal LM loss over the text."""
+    ids = tokenizer(text)["input_ids"][:max_length]
+    if len(ids) < 2:
+        return "text shorter than two tokens"
+    return ids, 1
+
+
 def collate(examples: list[Encoded], pad_id: int) -> AnswerBatch:
     width = max(len(ids) for ids, _ in examples)
     answers = max(len(ids) - start for ids, start in examples)

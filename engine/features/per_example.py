@@ -67,7 +67,9 @@ class AnswerScore(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, answer_pos, answer_ids, answer_valid) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, answer_pos, answer_ids, answer_valid,
+                per_token: bool = False) -> torch.Tensor:
+        """f per example, or with `per_token` the log-probabilities (b, A) of the answer tokens."""
         # Batches are right-padded and attention is causal, so padding never reaches a real
         # position: no mask is passed, which lets SDPA take its causal fast path and lets vmap
         # trace the model (the mask check is data-dependent control flow).
@@ -77,6 +79,8 @@ class AnswerScore(nn.Module):
         picked = hidden.gather(1, answer_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         logits = base.get_output_embeddings()(picked).float()
         logp = logits.log_softmax(-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+        if per_token:
+            return logp
         valid = answer_valid.to(logp.dtype)
         return (clipped_logit_odds(logp) * valid).sum(-1) / valid.sum(-1).clamp_min(1)
 

@@ -2,7 +2,9 @@
 training rows of some tasks, with Ray Train's TorchTrainer (data parallel, gloo on CPU).
 
 The loss is cross-entropy on the answer, computed as softplus(-f) with f the answer score the
-estimator uses (for a one-token answer, softplus(-log(p/(1-p))) = -log p). Every epoch is
+estimator uses (for a one-token answer, softplus(-log(p/(1-p))) = -log p); `objective: lm`
+instead adapts the model to raw texts with the causal LM loss (the downstream check of pool
+selection). Every epoch is
 evaluated on the tasks' validation rows and checkpointed as a PEFT adapter (safetensors); the
 best epoch by validation accuracy is kept in OUT/adapter. A rerun with the same OUT resumes from
 the last checkpoint.
@@ -40,12 +42,32 @@ def _rows(cfg: LoraTrainConfig, split: str) -> pl.DataFrame:
     return frame.filter(pl.col("split").fill_null("train") == split)
 
 
-def _evaluate(score: AnswerScore, encoded: list, pad: int, batch: int = 32) -> dict:
+def _loss(module, batch: answers.AnswerBatch, objective: str) -> torch.Tensor:
+    """answer: softplus(-f) (CE for one-token answers); lm: mean token CE over the text."""
+    if objective == "lm":
+        logp = module(*batch.tensors(), per_token=True)
+        valid = batch.answer_valid.to(logp.dtype)
+        return -(logp * valid).sum() / valid.sum()
+    return torch.nn.functional.softplus(-module(*batch.tensors())).mean()
+
+
+def _evaluate(score: AnswerScore, encoded: list, pad: int, objective: str, batch: int = 32) -> dict:
     if not encoded:
         return {"val_loss": float("nan"), "val_accuracy": float("nan")}
     with torch.no_grad():
-        f = torch.cat([score(*answers.collate(encoded[i:i + batch], pad).tensors()) for i in range(0, len(encoded), batch)])
+        batches = [answers.collate(encoded[i:i + batch], pad) for i in range(0, len(encoded), batch)]
+        if objective == "lm":
+            losses = [float(_loss(score, b, "lm")) * len(b) for b in batches]
+            return {"val_loss": sum(losses) / len(encoded), "val_accuracy": float("nan")}
+        f = torch.cat([score(*b.tensors()) for b in batches])
     return {"val_loss": float(torch.nn.functional.softplus(-f).mean()), "val_accuracy": float((f > 0).float().mean())}
+
+
+def _encode(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame) -> list:
+    rows = frame.iter_rows(named=True)
+    encoded = (answers.encode_text(tokenizer, r["text"], cfg.max_length) if cfg.objective == "lm"
+               else encode_row(tokenizer, cfg, r) for r in rows)
+    return [e for e in encoded if not isinstance(e, str)]
 
 
 def train_loop(config: dict) -> None:
@@ -68,10 +90,8 @@ def train_loop(config: dict) -> None:
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER / "adapter_model.safetensors")))
             start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
     score = AnswerScore(model)
-    train = [e for e in (encode_row(tokenizer, cfg, r) for r in _rows(cfg, "train").iter_rows(named=True))
-             if not isinstance(e, str)][rank::world]
-    validation = [e for e in (encode_row(tokenizer, cfg, r) for r in _rows(cfg, "validation").iter_rows(named=True))
-                  if not isinstance(e, str)]
+    train = _encode(tokenizer, cfg, _rows(cfg, "train"))[rank::world]
+    validation = _encode(tokenizer, cfg, _rows(cfg, "validation"))
     trained = ray.train.torch.prepare_model(score) if world > 1 else score
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
@@ -82,13 +102,13 @@ def train_loop(config: dict) -> None:
         losses = []
         for _ in range(steps):
             batch = [train[i] for i in rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)]
-            loss = torch.nn.functional.softplus(-trained(*answers.collate(batch, pad).tensors())).mean()
+            loss = _loss(trained, answers.collate(batch, pad), cfg.objective)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
         model.eval()
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, pad)}
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, pad, cfg.objective)}
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 model.save_pretrained(str(Path(folder) / ADAPTER))
@@ -127,10 +147,13 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         raise SiftError(f"training failed: {str(result.error).splitlines()[0]}")
     history = []
     best = None
+    def rank(metrics: dict) -> tuple:  # validation accuracy first (answer), then loss
+        accuracy = metrics["val_accuracy"]
+        return (-accuracy if accuracy == accuracy else 0.0, metrics["val_loss"])
+
     for checkpoint, metrics in result.best_checkpoints:
         history.append(metrics)
-        if best is None or metrics["val_accuracy"] > best[1]["val_accuracy"] or (
-                metrics["val_accuracy"] == best[1]["val_accuracy"] and metrics["val_loss"] < best[1]["val_loss"]):
+        if best is None or rank(metrics) < rank(best[1]):
             best = (checkpoint, metrics)
     if best is None:
         raise SiftError("training reported no checkpoint")
