@@ -153,6 +153,17 @@ def _load_summary(out: Path) -> IngestSummary | None:
     return IngestSummary(**json.loads(path.read_text()))
 
 
+def examples_path(data: str | os.PathLike | None) -> Path:
+    """The examples file of `--data`: an ingest folder's examples.parquet, or a parquet file."""
+    if data is None:
+        raise SiftError("--data is required (an ingest folder or a parquet file of examples)")
+    data = Path(data)
+    path = data / EXAMPLES if data.is_dir() else data
+    if not path.is_file():
+        raise SiftError(f"{data}: no {EXAMPLES}; run `sift ingest` first")
+    return path
+
+
 def read_examples(folder: str | os.PathLike) -> pl.DataFrame:
     """The validated examples of an ingest folder."""
     path = Path(folder) / EXAMPLES

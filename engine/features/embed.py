@@ -14,6 +14,7 @@ import polars as pl
 import torch
 
 from engine.config import EmbedConfig
+from engine.data.ingest import examples_path
 from engine.features import runner
 from engine.features.store import FeatureStore, StoreSpec
 from engine.models import builtin, load
@@ -49,7 +50,7 @@ class EmbedFeaturizer:
 
 
 def spec_for(cfg: EmbedConfig) -> tuple[StoreSpec, object]:
-    examples = runner.examples_file(cfg.data)
+    examples = examples_path(cfg.data)
     model = builtin.resolve(cfg.model)
     dim = json.loads((model / "config.json").read_text())["hidden_size"]
     rows = pl.scan_parquet(examples).select(pl.len()).collect().item()

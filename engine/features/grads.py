@@ -13,6 +13,7 @@ import polars as pl
 import torch
 
 from engine.config import GradsConfig
+from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features import answers, runner
 from engine.features.per_example import METHODS, AnswerScore
@@ -85,7 +86,7 @@ class GradFeaturizer:
 def spec_for(cfg: GradsConfig):
     if cfg.model is None:
         raise SiftError("featurize grads needs --model (a model folder or a built-in name)")
-    examples = runner.examples_file(cfg.data)
+    examples = examples_path(cfg.data)
     rows = pl.scan_parquet(examples).select(pl.len()).collect().item()
     spec = StoreSpec(
         kind="grads",

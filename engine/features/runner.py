@@ -55,15 +55,6 @@ class RunStats:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def examples_file(data: Path | None) -> Path:
-    if data is None:
-        raise SiftError("featurize needs --data (an ingest folder or a parquet file of examples)")
-    path = data / "examples.parquet" if data.is_dir() else data
-    if not path.is_file():
-        raise SiftError(f"{data}: no examples.parquet; run `sift ingest` first")
-    return path
-
-
 def data_fingerprint(path: Path) -> str:
     """Digest of the columns features depend on, so edited data never reuses stale features."""
     table = pq.read_table(path, columns=[c for c in ("id", "text", "task", "label") if c in pq.read_schema(path).names])

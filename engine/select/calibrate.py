@@ -20,10 +20,12 @@ import torch
 
 from engine import runtime
 from engine.config import CalibrateConfig
+from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
 from engine.select import subsets
 from engine.select.anchor import Anchor
+from engine.select.estimator import fit_subsets
 
 
 def approximation_error(cfg: CalibrateConfig, examples: pl.DataFrame, store_rows: pl.DataFrame,
@@ -89,12 +91,11 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     est = subsets.estimate(data, cfg.target, chosen, candidates, lam=cfg.lam)
     estimate_s = time.perf_counter() - started
 
-    data_path = Path(cfg.data) / "examples.parquet" if Path(cfg.data).is_dir() else Path(cfg.data)
+    data_path = examples_path(cfg.data)
     examples = pl.read_parquet(data_path)
     store_rows = FeatureStore(cfg.grads).rows().with_row_index("row")
-    first = torch.as_tensor(chosen[:1])
-    fit = _fit_for(data, cfg, first, candidates)
-    approximation = approximation_error(cfg, examples, store_rows, fit)
+    fit = fit_subsets(data.G, data.f, subsets.fit_masks(data, cfg.target, chosen[:1], candidates), lam=cfg.lam)
+    approximation = approximation_error(cfg, examples, store_rows, fit.w[0])
 
     real, real_s = _real_fine_tunes(cfg, chosen, candidates, data_path.resolve(), out)
     estimated = est.loss
@@ -113,16 +114,6 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     (out / "calibration.json").write_text(json.dumps(report, indent=2))
     _plot(estimated, real, out / "calibration.png")
     return report
-
-
-def _fit_for(data, cfg, subset_row: torch.Tensor, candidates: list[str]) -> torch.Tensor:
-    from engine.select.estimator import fit_subsets
-
-    in_fit = torch.zeros(len(data.tasks), dtype=torch.bool)
-    in_fit[[data.tasks.index(t) for t in cfg.target]] = True
-    in_fit[[data.tasks.index(c) for c, on in zip(candidates, subset_row[0].tolist()) if on]] = True
-    mask = (in_fit[data.task] & data.train)[None]
-    return fit_subsets(data.G, data.f, mask, lam=cfg.lam).w[0]
 
 
 def _real_fine_tunes(cfg: CalibrateConfig, chosen: np.ndarray, candidates: list[str], examples: Path,

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
 from engine.select.estimator import fit_subsets, linearised_scores
@@ -41,7 +42,7 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
     if store.spec.kind != "grads":
         raise SiftError(f"{grads} is a {store.spec.kind} store; select-tasks needs `sift featurize grads` output")
     rows = store.rows().with_row_index("row")
-    data_path = Path(data) / "examples.parquet" if Path(data).is_dir() else Path(data)
+    data_path = examples_path(data)
     examples = pl.read_parquet(data_path, columns=["id", "task", "split"])
     joined = rows.drop("task").join(examples, on="id", how="left")
     if joined["split"].null_count() == joined.height:
@@ -127,19 +128,21 @@ def estimate(data: TaskGradients, targets: list[str], subsets: np.ndarray, candi
     missing = [t for t in targets if t not in data.tasks]
     if missing:
         raise SiftError(f"target task(s) {missing} not in the gradient store (tasks: {', '.join(data.tasks)})")
-    in_target = torch.zeros(len(data.tasks), dtype=torch.bool)
-    in_target[[data.tasks.index(t) for t in targets]] = True
-    chosen = torch.zeros(len(subsets), len(data.tasks), dtype=torch.bool)
-    chosen[:, [data.tasks.index(c) for c in candidates]] = torch.as_tensor(subsets)
-    chosen |= in_target
-    masks = chosen[:, data.task] & data.train
-    evaluation = in_target[data.task] & ~data.train
+    evaluation = torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in targets])) & ~data.train
     if not evaluation.any():
         raise SiftError(f"target task(s) {targets} have no validation rows to score on")
-    fit = fit_subsets(data.G, data.f, masks, lam=lam)
+    fit = fit_subsets(data.G, data.f, fit_masks(data, targets, subsets, candidates), lam=lam)
     scores = linearised_scores(fit.w, data.G[evaluation], data.f[evaluation])
     return SubsetEstimates(candidates, np.asarray(subsets, dtype=bool), scores.loss.double().numpy(),
                            scores.accuracy.double().numpy())
+
+
+def fit_masks(data: TaskGradients, targets: list[str], subsets: np.ndarray, candidates: list[str]) -> torch.Tensor:
+    """(S, n) training rows of each subset of `candidates`, the targets' own training rows always in."""
+    chosen = torch.zeros(len(subsets), len(data.tasks), dtype=torch.bool)
+    chosen[:, [data.tasks.index(c) for c in candidates]] = torch.as_tensor(np.asarray(subsets, dtype=bool))
+    chosen[:, [data.tasks.index(t) for t in targets]] = True
+    return chosen[:, data.task] & data.train
 
 
 def random_subsets(n: int, count: int, ratio: float, seed: int) -> np.ndarray:

@@ -82,17 +82,14 @@ def _forward(cfg: SelectTasksConfig, data: subsets.TaskGradients, candidates: li
     """Score the final choices for real: theta* + P w loaded into the anchor model."""
     import torch
 
+    from engine.data.ingest import examples_path
     from engine.select.anchor import Anchor
     from engine.select.estimator import fit_subsets
 
     anchor = Anchor(cfg.grads)
-    data_path = Path(cfg.data) / "examples.parquet" if Path(cfg.data).is_dir() else Path(cfg.data)
-    examples = pl.read_parquet(data_path)
+    examples = pl.read_parquet(examples_path(cfg.data))
     evaluation = anchor.encode(examples.filter(pl.col("task").is_in(cfg.target) & (pl.col("split") == "validation")))
-    in_fit = torch.zeros(len(finals), len(data.tasks), dtype=torch.bool)
-    in_fit[:, [data.tasks.index(c) for c in candidates]] = torch.as_tensor(finals)
-    in_fit[:, [data.tasks.index(t) for t in cfg.target]] = True
-    fit = fit_subsets(data.G, data.f, in_fit[:, data.task] & data.train, lam=cfg.lam)
+    fit = fit_subsets(data.G, data.f, subsets.fit_masks(data, cfg.target, finals, candidates), lam=cfg.lam)
     for w, name in zip(fit.w, estimates):
         anchor.load(w)
         f = anchor.scores(evaluation)

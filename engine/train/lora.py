@@ -23,6 +23,7 @@ import torch
 
 from engine import runtime
 from engine.config import LoraTrainConfig
+from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.grads import anchor_model, encode_row
 from engine.features import answers
@@ -32,7 +33,7 @@ ADAPTER = "adapter"
 
 
 def _rows(cfg: LoraTrainConfig, split: str) -> pl.DataFrame:
-    path = Path(cfg.data) / "examples.parquet" if Path(cfg.data).is_dir() else Path(cfg.data)
+    path = examples_path(cfg.data)
     frame = pl.read_parquet(path)
     if cfg.tasks is not None:
         missing = sorted(set(cfg.tasks) - set(frame["task"].unique()))
