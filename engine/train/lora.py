@@ -133,6 +133,9 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train workers do not run in this directory: hand them absolute paths.
+    cfg = cfg.model_copy(update={"data": Path(cfg.data).resolve(),
+                                 "adapter": Path(cfg.adapter).resolve() if cfg.adapter else None})
     info = runtime.start(cfg.runtime)
     out = Path(cfg.out).resolve()
     workers = min(cfg.workers, max(1, int(info.cpus)))
