@@ -41,13 +41,15 @@ def main() -> None:
     labelled = args.out / "target.parquet"
     suite.build(per_task=args.labels, tasks=["fortunes-computers-science"], seed=args.seed).write_parquet(labelled)
 
+    pool = pl.read_parquet(args.quality / "pool.parquet", columns=["id", "text"])
     results = {"model": args.model, "lora_layers": layers or "all", "top_k": args.top_k, "labels": args.labels}
     for method in METHODS:
         started = time.perf_counter()
         adapter = None
         if method != "none":
-            chosen = pl.read_parquet(args.quality / f"{args.target_name}-{method}" / "selected.parquet")
-            texts = chosen.sort("rank").head(args.top_k).select("id", "text").with_columns(
+            chosen = pl.read_parquet(args.quality / f"{args.target_name}-{method}" / "selected.parquet",
+                                     columns=["id", "rank"])  # selections made on embeddings carry no text
+            texts = chosen.sort("rank").head(args.top_k).join(pool, on="id").select("id", "text").with_columns(
                 task=pl.lit("adapt"), label=pl.lit(None, dtype=pl.String),
                 split=pl.when(pl.int_range(pl.len()) % 10 == 0).then(pl.lit("validation")).otherwise(pl.lit("train")))
             texts.write_parquet(args.out / f"adapt-{method}.parquet")
