@@ -146,3 +146,14 @@ def test_non_finite_rows_and_missing_labels_are_quarantined(tweets_ingest):
         "c": "missing label (gradient features need an answer)",
     }
     assert np.isfinite(result.vectors).all() and result.vectors.shape == (2, 64)
+
+
+def test_store_config_holds_absolute_paths(tweets_ingest, tmp_path, monkeypatch):
+    """Later stages rebuild the anchor from config.json in other working directories."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    featurize_grads(GradsConfig(data=tweets_ingest, out=Path("rel-store"), **GRADS))
+    saved = json.loads((tmp_path / "rel-store" / "config.json").read_text())
+    assert saved["out"] == str(tmp_path / "rel-store") and Path(saved["data"]).is_absolute()
+    assert saved["model"] == "tiny-llama"  # built-in names stay names

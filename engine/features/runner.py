@@ -100,8 +100,9 @@ def run(
     if cfg.out is None:
         raise SiftError("featurize needs --out DIR for the feature store")
     store = FeatureStore.prepare(cfg.out, spec, force=cfg.force, replace_mismatch=replace_mismatch)
-    # The full request, so later stages can rebuild the anchor (model, LoRA, projection) exactly.
-    (store.root / "config.json").write_text(cfg.model_dump_json(indent=2, exclude={"runtime"}))
+    # The full request, so later stages can rebuild the anchor (model, LoRA, projection) exactly,
+    # from any working directory (Ray Tune and Train workers run elsewhere): paths made absolute.
+    (store.root / "config.json").write_text(_absolute_paths(cfg).model_dump_json(indent=2, exclude={"runtime"}))
     todo = store.missing_shards()
     stats = RunStats(shards_total=spec.num_shards, shards_done_before=spec.num_shards - len(todo))
     if not todo:
@@ -127,6 +128,13 @@ def run(
             bar.update(1)
     stats.seconds = time.perf_counter() - started
     return store, stats
+
+
+def _absolute_paths(cfg: FeaturizeConfig) -> FeaturizeConfig:
+    update = {k: Path(v).resolve() for k in ("data", "out", "adapter") if getattr(cfg, k, None) is not None}
+    if cfg.model is not None and Path(cfg.model).exists():  # a local folder, not a built-in name
+        update["model"] = str(Path(cfg.model).resolve())
+    return cfg.model_copy(update=update)
 
 
 class ShardWorker:
