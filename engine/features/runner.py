@@ -114,8 +114,8 @@ def run(
     ds = ds.map_batches(
         ShardWorker,
         batch_size=1,
-        fn_constructor_kwargs=dict(featurizer=featurizer, cfg=cfg, store=str(store.root),
-                                   examples=str(examples), threads=pool.threads),
+        fn_constructor_kwargs=dict(featurizer=featurizer, cfg=_absolute_paths(cfg), store=str(store.root),
+                                   examples=str(Path(examples).resolve()), threads=pool.threads),
         **pool.map_batches_kwargs(),
     )
     started = time.perf_counter()
@@ -131,7 +131,7 @@ def run(
 
 
 def _absolute_paths(cfg: FeaturizeConfig) -> FeaturizeConfig:
-    update = {k: Path(v).resolve() for k in ("data", "out", "adapter") if getattr(cfg, k, None) is not None}
+    update = {k: Path(getattr(cfg, k)).resolve() for k in ("data", "out", "adapter") if getattr(cfg, k, None) is not None}
     if cfg.model is not None and Path(cfg.model).exists():  # a local folder, not a built-in name
         update["model"] = str(Path(cfg.model).resolve())
     return cfg.model_copy(update=update)

@@ -46,7 +46,7 @@ class StoreSpec:
 
 class FeatureStore:
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: Ray workers may run in another directory
         path = self.root / MANIFEST
         if not path.is_file():
             raise SiftError(f"{self.root}: not a feature store (no {MANIFEST}); run `sift featurize` first")
