@@ -13,7 +13,7 @@ import torch
 
 from engine.config import GradsConfig
 from engine.errors import SiftError
-from engine.features import answers
+from engine.features import answers, objective
 from engine.features.grads import GradFeaturizer
 
 
@@ -32,11 +32,12 @@ class Anchor:
         encoded = [self.featurizer.encode(row) for row in frame.iter_rows(named=True)]
         return [e for e in encoded if not isinstance(e, str)]
 
+    @property
+    def pad(self) -> int:
+        return self.featurizer.tokenizer.pad_token_id
+
     def scores(self, encoded: list[answers.Encoded], batch: int = 32) -> torch.Tensor:
-        pad = self.featurizer.tokenizer.pad_token_id
-        with torch.no_grad():
-            return torch.cat([self.featurizer.score(*answers.collate(encoded[i:i + batch], pad).tensors())
-                              for i in range(0, len(encoded), batch)])
+        return objective.score(self.featurizer.score, encoded, self.pad, batch)
 
     def load(self, w: torch.Tensor) -> float:
         """Set the LoRA weights to theta* + P w; returns |P w|."""
@@ -53,7 +54,3 @@ class Anchor:
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.params.values())
-
-    def f(self, batch: list[answers.Encoded]) -> torch.Tensor:
-        """f with gradients, for training."""
-        return self.featurizer.score(*answers.collate(batch, self.featurizer.tokenizer.pad_token_id).tensors())

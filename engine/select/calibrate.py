@@ -22,6 +22,7 @@ from engine import runtime
 from engine.config import CalibrateConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
+from engine.features import objective
 from engine.features.store import FeatureStore
 from engine.select import subsets
 from engine.select.anchor import Anchor
@@ -66,14 +67,9 @@ def fine_tune(trial: dict) -> None:
     evaluation = anchor.encode(examples.filter(pl.col("task").is_in(trial["target"])
                                                & (pl.col("split") == "validation")))
     optimizer = torch.optim.AdamW(anchor.trainable(), lr=trial["lr"], weight_decay=0.0)
-    rng = np.random.default_rng(trial["seed"])
     started = time.perf_counter()
-    for _ in range(trial["steps"]):
-        batch = [train[i] for i in rng.choice(len(train), size=min(trial["batch_size"], len(train)), replace=False)]
-        loss = torch.nn.functional.softplus(-anchor.f(batch)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    objective.train_steps(anchor.featurizer.score, optimizer, train, trial["steps"], trial["batch_size"], anchor.pad,
+                          np.random.default_rng(trial["seed"]))
     f = anchor.scores(evaluation)
     tune.report({"loss": float(torch.nn.functional.softplus(-f).mean()), "accuracy": float((f > 0).float().mean()),
                  "train_seconds": time.perf_counter() - started})

@@ -26,7 +26,7 @@ from engine.config import LoraTrainConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.grads import anchor_model, encode_row
-from engine.features import answers
+from engine.features import answers, objective
 from engine.features.per_example import AnswerScore
 
 ADAPTER = "adapter"
@@ -43,24 +43,15 @@ def _rows(cfg: LoraTrainConfig, split: str) -> pl.DataFrame:
     return frame.filter(pl.col("split").fill_null("train") == split)
 
 
-def _loss(module, batch: answers.AnswerBatch, objective: str) -> torch.Tensor:
-    """answer: softplus(-f) (CE for one-token answers); lm: mean token CE over the text."""
-    if objective == "lm":
-        logp = module(*batch.tensors(), per_token=True)
-        valid = batch.answer_valid.to(logp.dtype)
-        return -(logp * valid).sum() / valid.sum()
-    return torch.nn.functional.softplus(-module(*batch.tensors())).mean()
-
-
-def _evaluate(score: AnswerScore, encoded: list, pad: int, objective: str, batch: int = 32) -> dict:
+def _evaluate(score: AnswerScore, encoded: list, pad: int, kind: str, batch: int = 32) -> dict:
     if not encoded:
         return {"val_loss": float("nan"), "val_accuracy": float("nan")}
-    with torch.no_grad():
-        batches = [answers.collate(encoded[i:i + batch], pad) for i in range(0, len(encoded), batch)]
-        if objective == "lm":
-            losses = [float(_loss(score, b, "lm")) * len(b) for b in batches]
-            return {"val_loss": sum(losses) / len(encoded), "val_accuracy": float("nan")}
-        f = torch.cat([score(*b.tensors()) for b in batches])
+    if kind == "lm":
+        with torch.no_grad():
+            batches = [answers.collate(encoded[i:i + batch], pad) for i in range(0, len(encoded), batch)]
+            total = sum(float(objective.loss(score, b, "lm")) * len(b) for b in batches)
+        return {"val_loss": total / len(encoded), "val_accuracy": float("nan")}
+    f = objective.score(score, encoded, pad, batch)
     return {"val_loss": float(torch.nn.functional.softplus(-f).mean()), "val_accuracy": float((f > 0).float().mean())}
 
 
@@ -100,14 +91,7 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng(cfg.seed * 1000 + epoch * 17 + rank)
         model.train()
-        losses = []
-        for _ in range(steps):
-            batch = [train[i] for i in rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)]
-            loss = _loss(trained, answers.collate(batch, pad), cfg.objective)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        losses = objective.train_steps(trained, optimizer, train, steps, cfg.batch_size, pad, rng, cfg.objective)
         model.eval()
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, pad, cfg.objective)}
         with tempfile.TemporaryDirectory() as folder:
