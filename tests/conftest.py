@@ -41,3 +41,45 @@ def tweets_ingest(tmp_path_factory, ray_session) -> Path:
     corpora.load("tweets").sample(600, seed=0).write_parquet(root / "tweets.parquet")
     ingest(IngestConfig(inputs=[str(root / "tweets.parquet")], out=root / "ingest"))
     return root / "ingest"
+
+
+ENSEMBLE_TASKS = {"wordnet-animal-plant": ["animal", "plant"], "fortunes-law-politics": ["law", "politics"]}
+
+
+def write_random_adapter(folder: Path, seed: int, r: int = 4) -> Path:
+    """A tiny-llama LoRA with seeded non-zero weights (a fresh LoRA's B is zero: it would equal
+    the base model and hide any mix-up between adapters)."""
+    import torch
+
+    from engine.config import LoraSpec
+    from engine.models import builtin, load, lora
+
+    model = lora.add_lora(load.load_causal_lm(builtin.resolve("tiny-llama")), LoraSpec(r=r, seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory) -> Path:
+    """An ensemble manifest on tiny-llama: three random adapters, two tasks with their weights."""
+    from engine.ensemble import manifest
+
+    root = tmp_path_factory.mktemp("ensemble")
+    adapters = []
+    for k in range(3):
+        write_random_adapter(root / "adapters" / f"group-{k}", seed=10 + k)
+        adapters.append(manifest.AdapterEntry(name=f"group-{k}", path=f"adapters/group-{k}",
+                                              tasks=list(ENSEMBLE_TASKS), rank=4))
+    tasks = {
+        "wordnet-animal-plant": manifest.TaskEntry(labels=ENSEMBLE_TASKS["wordnet-animal-plant"],
+                                                   weights={"group-0": 0.5, "group-1": 0.3, "group-2": 0.2}),
+        "fortunes-law-politics": manifest.TaskEntry(labels=ENSEMBLE_TASKS["fortunes-law-politics"],
+                                                    weights={"group-1": 0.6, "group-2": 0.4}),
+    }
+    return manifest.write(manifest.Manifest(base_model="tiny-llama", max_lora_rank=8, adapters=adapters,
+                                            tasks=tasks), root)

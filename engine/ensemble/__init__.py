@@ -1,0 +1,1 @@
+"""The adapter ensemble: its manifest, per-label scoring, weights, boosting, FLOPs, evaluation."""

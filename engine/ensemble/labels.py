@@ -1,0 +1,81 @@
+"""Per-label scores of one prompt under each adapter, and their weighted combination.
+
+A task's classes are its verbalized answers. Each class is scored by the next-token
+log-probability of the first token of its answer after the prompt (one forward pass per prompt
+and adapter, exact over the label set; the vLLM backend computes the same number). Class
+probabilities are those log-probabilities renormalised over the task's labels; the ensemble's
+distribution is the weighted mixture of its adapters' class probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from engine.errors import SiftError
+from engine.ensemble.manifest import Manifest
+
+
+def label_token_ids(tokenizer, answer: str, labels: list[str]) -> list[int]:
+    """The first token of each label's answer; labels must differ in it to be told apart."""
+    ids = []
+    for label in labels:
+        tokens = tokenizer(answer.format(label=label), add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise SiftError(f"label {label!r} has an empty answer")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        clash = [lab for lab, i in zip(labels, ids) if ids.count(i) > 1]
+        raise SiftError(f"labels {clash} start with the same token: they cannot be scored apart")
+    return ids
+
+
+def prompt_ids(tokenizer, manifest: Manifest, text: str) -> list[int]:
+    """The prompt's token ids, cut from the left to max_length - 1 (one slot for the answer)."""
+    if not text:
+        raise SiftError("empty text")
+    ids = tokenizer(manifest.prompt.format(text=text, task="", label=""))["input_ids"]
+    return ids[-(manifest.max_length - 1):]
+
+
+def next_token_logprobs(model, prompts: list[list[int]], token_ids: list[int], pad_id: int) -> torch.Tensor:
+    """(B, L) log p(token | prompt) over the full vocabulary, for the L given tokens.
+
+    Right padding with causal attention: the last real position of each prompt never sees the
+    padding, so no mask is needed and only those positions go through the LM head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    device = next(base.parameters()).device
+    with torch.no_grad():
+        hidden = base.get_decoder()(input_ids=input_ids.to(device)).last_hidden_state
+        picked = hidden[torch.arange(len(prompts), device=device), last.to(device)]
+        logp = base.get_output_embeddings()(picked).float().log_softmax(-1)
+    return logp[:, token_ids].cpu()
+
+
+def class_probs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Label log-probabilities (B, L) -> probabilities renormalised over the labels."""
+    return torch.softmax(logprobs.double(), dim=-1)
+
+
+def mixture(per_adapter: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The weighted mixture of the adapters' class probabilities (B, L)."""
+    return sum(w * class_probs(per_adapter[name]) for name, w in weights.items() if w > 0)
+
+
+@contextmanager
+def active(model, adapter: str | None) -> Iterator[None]:
+    """Run `model` (a PeftModel holding several named adapters) with one adapter, or the bare
+    base with None."""
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(adapter)
+    yield

@@ -1,0 +1,68 @@
+"""The ensemble as transformers + PEFT: one base model holding every adapter of a manifest.
+
+The reference implementation of scoring (`sift evaluate`, the `peft` serving backend, the
+parity test of the vLLM backend): each adapter is activated in turn over the same prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.ensemble import labels
+from engine.ensemble.manifest import LoadedManifest
+from engine.errors import SiftError
+from engine.models import builtin, load
+
+
+@dataclass
+class EnsembleModel:
+    manifest: LoadedManifest
+    tokenizer: object
+    model: object  # peft.PeftModel with every adapter loaded under its manifest name
+
+    @classmethod
+    def load(cls, manifest: LoadedManifest, trust_remote_code: bool = False) -> "EnsembleModel":
+        from peft import PeftModel
+
+        path = builtin.resolve(manifest.base_model)
+        base = load.load_causal_lm(path, quantize=manifest.quantize, trust_remote_code=trust_remote_code)
+        model = None
+        for entry in manifest.adapters:
+            try:
+                if model is None:
+                    model = PeftModel.from_pretrained(base, entry.path, adapter_name=entry.name)
+                else:
+                    model.load_adapter(entry.path, adapter_name=entry.name)
+            except Exception as exc:  # peft raises assorted types for a mismatched adapter
+                raise SiftError(f"adapter {entry.name!r} ({entry.path}) does not load: "
+                                f"{str(exc).splitlines()[0]}") from None
+        model.eval()
+        if torch.cuda.is_available() and manifest.quantize == "none":
+            model = model.cuda()
+        return cls(manifest, load.load_tokenizer(path, trust_remote_code), model)
+
+    def label_logprobs(self, task: str, texts: list[str], adapters: list[str] | None = None,
+                       batch: int = 32) -> dict[str, torch.Tensor]:
+        """Per adapter (default: those the task weights), (B, L) next-token log-probabilities
+        of the task's label tokens after each text's prompt."""
+        entry = self.manifest.task(task)
+        names = adapters if adapters is not None else [n for n, w in entry.weights.items() if w > 0]
+        for name in names:
+            self.manifest.adapter(name)
+        token_ids = labels.label_token_ids(self.tokenizer, self.manifest.answer, entry.labels)
+        prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t) for t in texts]
+        out = {}
+        for name in names:
+            with labels.active(self.model, name):
+                out[name] = torch.cat([
+                    labels.next_token_logprobs(self.model, prompts[i:i + batch], token_ids,
+                                               self.tokenizer.pad_token_id)
+                    for i in range(0, len(prompts), batch)])
+        return out
+
+    def classify(self, task: str, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ensemble's class probabilities (B, L) and each adapter's label log-probabilities."""
+        per_adapter = self.label_logprobs(task, texts)
+        return labels.mixture(per_adapter, self.manifest.task(task).weights), per_adapter

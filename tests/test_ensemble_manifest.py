@@ -1,0 +1,88 @@
+"""The ensemble manifest's checks and the reference (transformers + PEFT) label scoring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.ensemble import labels, manifest
+from engine.ensemble.model import EnsembleModel
+from engine.errors import SiftError
+from engine.models import builtin, load
+
+
+def _edited(tiny_manifest, tmp_path, edit) -> str:
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_manifest.parent, folder)
+    raw = json.loads((folder / manifest.FILENAME).read_text())
+    edit(raw, folder)
+    (folder / manifest.FILENAME).write_text(json.dumps(raw))
+    return str(folder / manifest.FILENAME)
+
+
+def test_load_makes_adapter_paths_absolute(tiny_manifest):
+    loaded = manifest.load(tiny_manifest.parent)
+    assert [a.name for a in loaded.adapters] == ["group-0", "group-1", "group-2"]
+    assert all(a.path.startswith("/") for a in loaded.adapters)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda raw, folder: shutil.rmtree(folder / "adapters/group-1"),
+     "adapter 'group-1': .* is not a PEFT adapter folder"),
+    (lambda raw, folder: raw["tasks"]["wordnet-animal-plant"]["weights"].update({"group-9": 0.0}),
+     "task 'wordnet-animal-plant' weights unknown adapter\\(s\\) \\['group-9'\\]"),
+    (lambda raw, folder: raw["tasks"]["fortunes-law-politics"]["weights"].update({"group-1": 0.9}),
+     "weights sum to 1.3000, not 1"),
+    (lambda raw, folder: raw.update(max_lora_rank=2), "has rank 4 > max_lora_rank 2"),
+    (lambda raw, folder: raw["adapters"][0].update(rank=8), "has rank 4, the manifest says 8"),
+    (lambda raw, folder: raw["adapters"][2].update(name="group-0"), "adapter names repeat"),
+])
+def test_bad_manifests_fail_in_one_line(tiny_manifest, tmp_path, edit, message):
+    with pytest.raises(SiftError, match=message) as err:
+        manifest.load(_edited(tiny_manifest, tmp_path, edit))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_task_and_adapter_are_named(tiny_manifest):
+    loaded = manifest.load(tiny_manifest)
+    with pytest.raises(SiftError, match="unknown task 'nope'; the manifest has wordnet-animal-plant"):
+        loaded.task("nope")
+    with pytest.raises(SiftError, match="unknown adapter 'nope'"):
+        loaded.adapter("nope")
+
+
+def test_labels_sharing_a_first_token_are_refused():
+    tokenizer = load.load_tokenizer(builtin.resolve("tiny-llama"))
+    # " negative" and " neutral" both start with the tiny tokenizer's " ne".
+    with pytest.raises(SiftError, match="labels \\['negative', 'neutral'\\] start with the same token"):
+        labels.label_token_ids(tokenizer, " {label}", ["negative", "neutral", "positive"])
+
+
+def test_reference_scoring_matches_a_plain_forward_per_adapter(tiny_manifest):
+    from peft import PeftModel
+
+    ensemble = EnsembleModel.load(manifest.load(tiny_manifest))
+    texts = ["A small furry animal that climbs trees.", "A tall plant with yellow flowers growing in fields of grain"]
+    probs, per_adapter = ensemble.classify("wordnet-animal-plant", texts)
+    assert set(per_adapter) == {"group-0", "group-1", "group-2"}
+    assert torch.allclose(probs.sum(-1), torch.ones(2, dtype=probs.dtype))
+    # Adapters differ (random non-zero weights), so a mix-up would show.
+    assert (per_adapter["group-0"] - per_adapter["group-1"]).abs().max() > 1e-3
+    # Each adapter alone, the plain way: a fresh PeftModel, full logits, unpadded prompts.
+    tokenizer = ensemble.tokenizer
+    ids = tokenizer(" animal", add_special_tokens=False)["input_ids"][0], \
+        tokenizer(" plant", add_special_tokens=False)["input_ids"][0]
+    for name in ["group-0", "group-2"]:
+        base = load.load_causal_lm(builtin.resolve("tiny-llama"))
+        single = PeftModel.from_pretrained(base, ensemble.manifest.adapter(name).path).eval()
+        for i, text in enumerate(texts):
+            prompt = tokenizer(f"{text}\nAnswer:", return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                logp = single(prompt).logits[0, -1].log_softmax(-1)
+            assert torch.allclose(per_adapter[name][i], logp[list(ids)], atol=1e-5)
+    weights = ensemble.manifest.task("wordnet-animal-plant").weights
+    expected = sum(w * torch.softmax(per_adapter[n].double(), -1) for n, w in weights.items())
+    assert torch.allclose(probs, expected)
