@@ -2,8 +2,8 @@
 `sift select-tasks` (`--search tune` runs its Ray Tune trials on the cluster).
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/select_tasks.py --data runs/suite --grads runs/suite-grads --target wordnet-animal-plant \
-        --out runs/select-tasks --search tune --subsets 500
+        python jobs/select_tasks.py --data /mnt/shared/suite --grads /mnt/shared/suite-grads \
+        --target wordnet-animal-plant --out /mnt/shared/select-tasks --search tune --subsets 500
 """
 
 import sys
