@@ -125,6 +125,37 @@ def _parser() -> argparse.ArgumentParser:
     _common(train)
     train.set_defaults(run=_train_lora)
 
+    group = sub.add_parser("group", help="split the tasks of a gradient store into m groups (adapter ensemble)")
+    group.add_argument("--data", type=Path)
+    group.add_argument("--grads", type=Path)
+    group.add_argument("--groups", type=int, help="m (default: chosen by within-group density)")
+    group.add_argument("--out", type=Path)
+    _common(group)
+    group.set_defaults(run=_group)
+
+    ensemble = sub.add_parser("train", help="train one LoRA/QLoRA per group, fit the ensemble's weights (ensemble.json)")
+    ensemble.add_argument("--groups", type=Path, help="a `sift group` output folder")
+    ensemble.add_argument("--out", type=Path)
+    ensemble.add_argument("--qlora", dest="quantize", action="store_const", const="nf4", help="4-bit nf4 base")
+    ensemble.add_argument("--boost", type=int, help="boosting rounds (closed-form residual adapters)")
+    ensemble.add_argument("--epochs", type=int)
+    _common(ensemble)
+    ensemble.set_defaults(run=_train_ensemble)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy, macro-F1, NLL of an ensemble manifest on labelled rows")
+    evaluate.add_argument("manifest", type=Path, help="ensemble.json or its folder")
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--split", help="default: test when present, else validation")
+    evaluate.set_defaults(run=_evaluate)
+
+    serve = sub.add_parser("serve", help="serve an adapter ensemble over HTTP (Ray Serve; vLLM multi-LoRA or PEFT)")
+    serve.add_argument("manifest", type=Path, help="ensemble.json or its folder")
+    serve.add_argument("--backend", choices=["vllm", "peft"], help="default vllm; peft: the reference")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    _common(serve)
+    serve.set_defaults(run=_serve)
+
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
     models.set_defaults(run=_models)
@@ -201,7 +232,8 @@ def _suite(args: argparse.Namespace) -> None:
         raise SiftError("suite needs --out DIR")
     cfg.out.mkdir(parents=True, exist_ok=True)
     raw = cfg.out / "suite.parquet"
-    suite.build(cfg.per_task, cfg.validation, cfg.seed, cfg.tasks, cfg.noisy_groups, cfg.noisy_shuffled).write_parquet(raw)
+    suite.build(cfg.per_task, cfg.validation, cfg.seed, cfg.tasks, cfg.noisy_groups, cfg.noisy_shuffled,
+                cfg.test).write_parquet(raw)
     show(ingest(IngestConfig(inputs=[str(raw)], out=cfg.out, runtime=cfg.runtime)))
 
 
@@ -231,6 +263,45 @@ def _train_lora(args: argparse.Namespace) -> None:
           [(m["epoch"], round(m["train_loss"], 4), round(m["val_loss"], 4), round(m["val_accuracy"], 3))
            for m in report["history"]])
     print(f"best epoch {report['best']['epoch']} (validation accuracy {report['best']['val_accuracy']:.3f})")
+
+
+def _group(args: argparse.Namespace) -> None:
+    from engine.config import GroupConfig, load_config
+    from engine.select.partition import group_tasks, show
+
+    show(group_tasks(load_config(GroupConfig, args.config, _overrides(args))))
+
+
+def _train_ensemble(args: argparse.Namespace) -> None:
+    from engine.config import EnsembleTrainConfig, load_config
+    from engine.ensemble.evaluate import show
+    from engine.report import table
+    from engine.train.ensemble import train_ensemble
+
+    report = train_ensemble(load_config(EnsembleTrainConfig, args.config, _overrides(args)))
+    table("Adapters", ["adapter", "tasks", "best epoch", "val accuracy (answer)"],
+          [(n, ", ".join(report["groups"][n]), str(b["epoch"]), f"{b['val_accuracy']:.3f}")
+           for n, b in report["training"].items()])
+    for r in report["boosting"]:
+        print(f"boosting round {r['round']}: validation NLL {r['before']:.4f} -> {r['validation_nll']:.4f}"
+              f" ({'kept' if r['accepted'] else 'dropped, stopping'})")
+    for split in ("validation", "test"):
+        if split in report:
+            show({"split": split, **report[split]})
+    print(f"ensemble.json in {Path(report['config']['out']).resolve()}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from engine.ensemble.evaluate import evaluate, show
+
+    show(evaluate(args.manifest, args.data, args.split))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from engine.config import ServeConfig, load_config
+    from engine.serve.app import serve
+
+    serve(load_config(ServeConfig, args.config, _overrides(args)))
 
 
 def _models(args: argparse.Namespace) -> None:

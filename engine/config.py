@@ -131,6 +131,7 @@ class SuiteConfig(StrictModel):
     out: Path | None = None
     per_task: PositiveInt = 400
     validation: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.0, ge=0, lt=1, description="share of each task held out as split 'test' (sift evaluate)")
     tasks: list[str] | None = None
     noisy_groups: int = Field(0, ge=0, description="extra tasks cut from wordnet-animal-plant")
     noisy_shuffled: int = Field(0, ge=0, description="how many of those get random labels")
@@ -154,6 +155,26 @@ class SelectTasksConfig(StrictModel):
     subsets: PositiveInt = Field(200, description="random subsets to estimate")
     ratio: float = Field(0.5, gt=0, le=1, description="share of the candidate tasks in each random subset")
     lam: float = Field(1e-3, gt=0, description="L2 strength of the subset fit")
+    top_up: int = Field(0, ge=0, description="top tasks up to this many training rows by averaging pairs")
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class GroupConfig(StrictModel):
+    """`sift group`: split the tasks of a gradient store into m groups for the adapter ensemble."""
+
+    data: Path | None = None
+    grads: Path | None = None
+    out: Path | None = None
+    groups: PositiveInt | None = Field(None, description="m; default: chosen by average within-group density")
+    max_groups: PositiveInt = Field(6, description="largest m tried when m is not given")
+    method: Literal["sdp", "spectral"] = Field("sdp", description="clustering of the affinity before refinement")
+    subsets: PositiveInt = Field(100, description="random subsets estimated for the affinity")
+    ratio: float = Field(0.3, gt=0, le=1, description="share of the tasks in each random subset")
+    restarts: int = Field(4, ge=0, description="random partitions also refined by local search, besides the "
+                                               "SDP and spectral ones")
+    rounds: PositiveInt = Field(20, description="local-search rounds per start")
+    lam: float = Field(1e-3, gt=0, description="L2 strength of every fit")
     top_up: int = Field(0, ge=0, description="top tasks up to this many training rows by averaging pairs")
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -203,6 +224,57 @@ class LoraTrainConfig(StrictModel):
     workers: PositiveInt = Field(1, description="Ray Train workers (data parallel, gloo on CPU)")
     trust_remote_code: bool = False
     seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class EnsembleTrainConfig(StrictModel):
+    """`sift train`: one LoRA/QLoRA per group, trained concurrently with Ray Train; per-task
+    mixture weights fitted on validation rows; optional boosting; writes ensemble.json."""
+
+    groups: Path | None = Field(None, description="a `sift group` output folder (groups.json)")
+    partition: list[list[str]] | None = Field(None, description="explicit groups of tasks instead of --groups")
+    data: Path | None = Field(None, description="default: the data groups.json was built from")
+    grads: Path | None = Field(None, description="gradient store whose anchor (model, LoRA, prompt) the adapters "
+                                                 "start from; default: the one of groups.json")
+    out: Path | None = None
+    quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRA (4-bit base)")
+    epochs: PositiveInt = 3
+    steps_per_epoch: PositiveInt | None = None
+    batch_size: PositiveInt = 16
+    lr: float = Field(1e-3, gt=0)
+    workers: PositiveInt = Field(1, description="Ray Train workers per group")
+    boost: int = Field(0, ge=0, description="boosting rounds (closed-form residual adapters)")
+    boost_weight: float = Field(0.2, gt=0, lt=1)
+    boost_alpha: float = Field(10.0, gt=0, description="ridge strength of a boosting adapter")
+    seed: int = 0
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class ServeConfig(StrictModel):
+    """`sift serve`: an adapter ensemble (ensemble.json) behind an HTTP API on Ray Serve."""
+
+    manifest: Path | None = Field(None, description="ensemble.json or the folder holding it")
+    backend: Literal["vllm", "peft"] = Field("vllm", description="vllm: multi-LoRA batching; peft: the "
+                                                                 "transformers + PEFT reference")
+    host: str = Field("127.0.0.1", description="HTTP bind address (loopback by default)")
+    port: int = Field(8000, ge=1, le=65535)
+    max_lora_rank: PositiveInt | None = Field(None, description="LoRA slot size; default: the manifest's "
+                                                                "max_lora_rank; a manifest above it is refused")
+    max_prompt_chars: PositiveInt = Field(8000, description="longer texts or prompts are refused (413)")
+    max_batch: PositiveInt = Field(32, description="texts per classify request, prompts per completion")
+    max_tokens: PositiveInt = Field(256, description="the most tokens a completion may ask for")
+    max_model_len: PositiveInt | None = Field(None, description="context length; default: the model's, "
+                                                                "at most 4096")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vllm: auto is float32 on CPU, bfloat16 on GPU")
+    max_num_seqs: PositiveInt = Field(128, description="vllm: sequences batched per step")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vllm on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    replicas: PositiveInt = 1
+    replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica")
+    max_ongoing_requests: PositiveInt = Field(256, description="per replica, before Ray Serve queues")
+    threads: PositiveInt | None = Field(None, description="peft: torch threads; default: the machine's cores")
+    trust_remote_code: bool = False
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

@@ -46,19 +46,21 @@ TASKS = [
 
 
 def build(per_task: int = 400, validation: float = 0.2, seed: int = 0, tasks: list[str] | None = None,
-          noisy_groups: int = 0, noisy_shuffled: int = 0) -> pl.DataFrame:
-    """The suite in the example schema: text = question + input, label = answer word, split."""
+          noisy_groups: int = 0, noisy_shuffled: int = 0, test: float = 0.0) -> pl.DataFrame:
+    """The suite in the example schema: text = question + input, label = answer word, split
+    (train / validation, and with `test` > 0 a test share that no fit or selection sees)."""
     chosen = [t for t in TASKS if tasks is None or t.name in tasks]
     if tasks is not None and len(chosen) != len(tasks):
         unknown = sorted(set(tasks) - {t.name for t in TASKS})
         raise SiftError(f"unknown suite task(s) {unknown}; known: {', '.join(t.name for t in TASKS)}")
-    frames = [_task(spec, per_task, validation, seed) for spec in chosen]
+    frames = [_task(spec, per_task, validation, seed, test=test) for spec in chosen]
     if noisy_groups:
         frames.append(_noisy(per_task, validation, seed, noisy_groups, noisy_shuffled))
     return pl.concat(frames)
 
 
-def _task(spec: TaskSpec, per_task: int, validation: float, seed: int, name: str | None = None) -> pl.DataFrame:
+def _task(spec: TaskSpec, per_task: int, validation: float, seed: int, name: str | None = None,
+          test: float = 0.0) -> pl.DataFrame:
     source = corpora.load(spec.corpus).unique("id", keep="first", maintain_order=True)
     per_class = per_task // len(spec.answers)
     parts = []
@@ -69,13 +71,16 @@ def _task(spec: TaskSpec, per_task: int, validation: float, seed: int, name: str
         parts.append(rows.sample(min(per_class, rows.height), seed=seed).with_columns(label=pl.lit(answer)))
     frame = pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
     n_val = max(1, round(validation * frame.height))
+    n_test = round(test * frame.height)
     task = name or spec.name
     return frame.select(
         pl.format("{}-{}", pl.lit(task), pl.col("id")).alias("id"),
         pl.format("{}\n{}", pl.lit(spec.question), pl.col("text")).alias("text"),
         pl.lit(task).alias("task"),
         pl.col("label"),
-        pl.when(pl.int_range(pl.len()) < n_val).then(pl.lit("validation")).otherwise(pl.lit("train")).alias("split"),
+        pl.when(pl.int_range(pl.len()) < n_val).then(pl.lit("validation"))
+        .when(pl.int_range(pl.len()) < n_val + n_test).then(pl.lit("test"))
+        .otherwise(pl.lit("train")).alias("split"),
         pl.lit(None, dtype=pl.String).alias("meta"),
     )
 

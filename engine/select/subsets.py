@@ -47,16 +47,17 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
     joined = rows.drop("task").join(examples, on="id", how="left")
     if joined["split"].null_count() == joined.height:
         raise SiftError(f"no id of the gradient store {grads} is in {data_path}; were they built from the same data?")
-    joined = joined.with_columns(pl.col("split").fill_null("train"))
-    vectors = torch.as_tensor(np.asarray(store.vectors()), dtype=dtype)
-    f = torch.tensor(joined["f"].to_numpy(), dtype=dtype)
+    # Test rows stay out of every fit and every estimate: they are for `sift evaluate` only.
+    joined = joined.with_columns(pl.col("split").fill_null("train")).filter(pl.col("split").is_in(["train", "validation"]))
+    vectors = torch.as_tensor(np.array(store.vectors()), dtype=dtype)
+    f = torch.tensor(rows["f"].to_numpy(), dtype=dtype)
     if not (torch.isfinite(vectors).all() and torch.isfinite(f).all()):
         raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
     tasks = sorted(joined["task"].drop_nulls().unique().to_list())
     index = {t: i for i, t in enumerate(tasks)}
     data = TaskGradients(tasks, vectors[joined["row"].to_numpy()], f[joined["row"].to_numpy()],
                          torch.tensor([index[t] for t in joined["task"].to_list()]),
-                         torch.tensor((joined["split"] != "validation").to_numpy()))
+                         torch.tensor((joined["split"] == "train").to_numpy()))
     return _top_up(data, top_up, seed) if top_up else data
 
 

@@ -38,20 +38,25 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
     info = runtime.start(runtime_cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, data=data, targets=targets, candidates=candidates, lam=lam), {"cpu": 1})
-    path = Path(storage).resolve() / EXPERIMENT
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={c: tune.choice([False, True]) for c in candidates},
-            tune_config=tune.TuneConfig(
-                metric="loss", mode="min", num_samples=samples,
-                search_alg=search_alg or BasicVariantGenerator(max_concurrent=max(1, int(info.cpus)),
-                                                               random_state=seed)),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(Path(storage).resolve()), verbose=0),
-        )
+    tuner = restorable_tuner(
+        trainable, EXPERIMENT, storage,
+        param_space={c: tune.choice([False, True]) for c in candidates},
+        tune_config=tune.TuneConfig(
+            metric="loss", mode="min", num_samples=samples,
+            search_alg=search_alg or BasicVariantGenerator(max_concurrent=max(1, int(info.cpus)), random_state=seed)))
     results = tuner.fit()
     frame = results.get_dataframe().sort_values("trial_id")
     chosen = np.array([[bool(row[f"config/{c}"]) for c in candidates] for _, row in frame.iterrows()])
     return subsets.SubsetEstimates(candidates, chosen, frame["loss"].to_numpy(), frame["accuracy"].to_numpy())
+
+
+def restorable_tuner(trainable, name: str, storage: Path, param_space: dict, tune_config):
+    """A Tuner for experiment `name` under `storage`, restored (finished trials kept, errored ones
+    rerun) when an earlier run of it exists there."""
+    from ray import tune
+
+    path = Path(storage).resolve() / name
+    if tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve()), verbose=0))

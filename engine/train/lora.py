@@ -106,6 +106,8 @@ def _fingerprint(cfg: LoraTrainConfig) -> str:
     import hashlib
 
     settings = cfg.model_dump(mode="json", exclude={"epochs", "workers", "runtime", "out"})
+    stat = examples_path(cfg.data).stat()
+    settings["data_file"] = [stat.st_size, stat.st_mtime_ns]  # rewritten data is new work
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -122,6 +124,11 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
                                  "adapter": Path(cfg.adapter).resolve() if cfg.adapter else None})
     info = runtime.start(cfg.runtime)
     out = Path(cfg.out).resolve()
+    finished = out / "train.json"
+    if finished.is_file():  # a finished run of the same training: nothing to do
+        previous = json.loads(finished.read_text())
+        if previous.get("fingerprint") == _fingerprint(cfg) and previous["config"]["epochs"] == cfg.epochs:
+            return previous
     workers = min(cfg.workers, max(1, int(info.cpus)))
     trainer = TorchTrainer(
         train_loop,
@@ -149,6 +156,6 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         shutil.rmtree(out / ADAPTER, ignore_errors=True)
         shutil.copytree(Path(folder) / ADAPTER, out / ADAPTER)
     report = {"best": best[1], "history": sorted(history, key=lambda m: m["epoch"]), "adapter": str(out / ADAPTER),
-              "workers": workers, "config": cfg.model_dump(mode="json")}
+              "workers": workers, "fingerprint": _fingerprint(cfg), "config": cfg.model_dump(mode="json")}
     (out / "train.json").write_text(json.dumps(report, indent=2))
     return report
