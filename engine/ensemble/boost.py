@@ -28,7 +28,7 @@ def gradients_of(grads: str | Path, ids: list[str]) -> tuple[torch.Tensor, torch
         raise SiftError(f"{missing} training rows are not in the gradient store {grads}; featurize them first")
     index = order["row"].to_numpy()
     G = torch.as_tensor(np.array(store.vectors())[index], dtype=torch.float64)
-    return G, torch.as_tensor(order["f"].to_numpy(), dtype=torch.float64)
+    return G, torch.tensor(np.array(order["f"].to_numpy()), dtype=torch.float64)
 
 
 def residual_w(G: torch.Tensor, f: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:

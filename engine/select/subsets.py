@@ -50,7 +50,7 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
     # Test rows stay out of every fit and every estimate: they are for `sift evaluate` only.
     joined = joined.with_columns(pl.col("split").fill_null("train")).filter(pl.col("split").is_in(["train", "validation"]))
     vectors = torch.as_tensor(np.array(store.vectors()), dtype=dtype)
-    f = torch.tensor(rows["f"].to_numpy(), dtype=dtype)
+    f = torch.tensor(np.array(rows["f"].to_numpy()), dtype=dtype)
     if not (torch.isfinite(vectors).all() and torch.isfinite(f).all()):
         raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
     tasks = sorted(joined["task"].drop_nulls().unique().to_list())
