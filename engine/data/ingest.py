@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from engine.errors import SiftError
 EXAMPLES = "examples.parquet"
 QUARANTINE = "quarantine.parquet"
 SUMMARY = "summary.json"
+URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class IngestSummary:
 def ingest(cfg: IngestConfig) -> IngestSummary:
     if cfg.out is None:
         raise SiftError("ingest needs an output folder (--out DIR)")
+    if URI_LIKE.match(str(cfg.out)):  # a Path turns s3://b/x into s3:/b/x: a local folder named 's3:'
+        raise SiftError(f"--out {cfg.out}: ingest writes to a local or mounted folder; URIs are for inputs only")
     sources = readers.resolve(cfg.inputs)
     for source in sources:
         readers.preflight(source, cfg)
@@ -139,8 +143,8 @@ def _fingerprint(sources: list[readers.Source], cfg: IngestConfig) -> str:
     """Inputs (path, size, mtime) and the settings that change the result."""
     h = hashlib.sha256()
     for s in sources:
-        stat = os.stat(s.path)
-        h.update(f"{s.path}|{s.format}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        size, mtime_ns = readers.file_stat(s.path)
+        h.update(f"{s.path}|{s.format}|{size}|{mtime_ns}\n".encode())
     settings = cfg.model_dump(mode="json", exclude={"out", "force", "runtime", "inputs"})
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -6,12 +6,17 @@ Two kinds of problems, kept apart on purpose:
   naming the file and the problem: the user must fix the input;
 - a *row* that is readable but unusable (missing or non-string text, undecodable bytes, a CSV
   row with the wrong number of fields) is kept with a `reason` and quarantined downstream.
+
+An input may also be a URI (s3://, gs://, hdfs://, file://): a file or a folder, read through
+pyarrow's filesystems on whichever node reads it, with that node's credentials, so a cluster
+needs no shared mount for its inputs. Globs and Hugging Face folders stay local-only.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import sys
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.config import IngestConfig, SchemaConfig
@@ -50,7 +56,9 @@ def resolve(inputs: list[str]) -> list[Source]:
         raise SiftError("no input given: pass at least one file, folder or glob")
     found: list[tuple[str, str]] = []
     for item in inputs:
-        if any(ch in item for ch in "*?["):
+        if is_uri(item):
+            found += _uri_sources(item)
+        elif any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise SiftError(f"no files match {item!r}")
@@ -63,16 +71,21 @@ def resolve(inputs: list[str]) -> list[Source]:
             raise SiftError(f"no such file or folder: {item}")
     unique: dict[str, str] = {}
     for path, fmt in found:
-        unique.setdefault(os.path.abspath(path), fmt)
+        unique.setdefault(path if is_uri(path) else os.path.abspath(path), fmt)
     return [Source(path, fmt, i) for i, (path, fmt) in enumerate(unique.items())]
 
 
 def _folder(folder: str) -> list[tuple[str, str]]:
     if _is_hf_folder(folder):
         return [(folder, "hf")]
+    return _one_format(folder, [str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()])
+
+
+def _one_format(folder: str, relative: list[str]) -> list[tuple[str, str]]:
+    """A folder's data files (hidden and `_`-prefixed parts skipped), which must share one format."""
     files = sorted(
-        str(p) for p in Path(folder).rglob("*")
-        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+        f"{folder.rstrip('/')}/{r}" for r in relative
+        if not any(part.startswith((".", "_")) for part in r.split("/"))
     )
     if not files:
         raise SiftError(f"folder {folder} holds no data files")
@@ -84,9 +97,61 @@ def _folder(folder: str) -> list[tuple[str, str]]:
     return typed
 
 
-def _is_hf_folder(folder: str) -> bool:
-    names = set(os.listdir(folder))
+def _is_hf_folder(folder: str, names: set[str] | None = None) -> bool:
+    names = set(os.listdir(folder)) if names is None else names
     return "dataset_dict.json" in names or {"state.json", "dataset_info.json"} <= names
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise SiftError(f"{uri}: cannot open ({str(exc).splitlines()[0]})") from None
+
+
+def _uri_sources(uri: str) -> list[tuple[str, str]]:
+    """A URI's file, or its folder's files; options after '?' (e.g. region=) stay on every file."""
+    location, mark, options = uri.partition("?")
+    if any(ch in location for ch in "*["):
+        raise SiftError(f"{uri}: globs are not supported in URIs; pass the folder instead")
+    fs, inner = _filesystem(uri)
+    try:
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.File:
+            return [(uri, _format_of_file(location))]
+        if info.type != pafs.FileType.Directory:
+            raise SiftError(f"no such file or folder: {uri}")
+        base = inner.rstrip("/")
+        listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as exc:
+        raise SiftError(f"{uri}: cannot list ({str(exc).splitlines()[0]})") from None
+    relative = [i.path[len(base) + 1:] for i in listed if i.type == pafs.FileType.File]
+    if _is_hf_folder(uri, {r for r in relative if "/" not in r}):
+        raise SiftError(f"{uri}: Hugging Face dataset folders are read from local disk only; "
+                        "copy it to a shared mount or save it as parquet")
+    return [(path + mark + options, fmt) for path, fmt in _one_format(location, relative)]
+
+
+def _open(path: str):
+    """A binary file object for a local path or a URI."""
+    if not is_uri(path):
+        return open(path, "rb")
+    fs, inner = _filesystem(path)
+    return io.BufferedReader(fs.open_input_file(inner))
+
+
+def file_stat(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a local path or a URI."""
+    if not is_uri(path):
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
+    fs, inner = _filesystem(path)
+    info = fs.get_file_info(inner)
+    return info.size, info.mtime_ns or 0
 
 
 def _format_of_file(path: str) -> str:
@@ -102,12 +167,12 @@ def preflight(source: Source, cfg: IngestConfig) -> None:
     if source.format == "hf":
         _hf_dataset(source.path)
         return
-    if os.path.getsize(source.path) == 0:
+    if file_stat(source.path)[0] == 0:
         raise SiftError(f"{source.path}: file is empty")
     if source.format == "parquet":
         _check_columns(source.path, _parquet_file(source.path).schema_arrow, cfg.columns)
         return
-    with open(source.path, "rb") as f:
+    with _open(source.path) as f:
         sample = f.read(SAMPLE_BYTES)
     _check_encoding(source.path, sample, cfg.encoding)
     if source.format == "jsonl":
@@ -211,7 +276,7 @@ def _as_str(value: Any) -> str | None:
 # --- record iterators: (row number, record, reason known at read time) ----------------------
 
 def _jsonl_records(path: str, encoding: str, limit: int | None = None) -> Iterator[tuple[int, dict, str | None]]:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -237,7 +302,7 @@ def _jsonl_records(path: str, encoding: str, limit: int | None = None) -> Iterat
 
 def _csv_records(path: str, encoding: str, fmt: str, header_only: bool = False) -> Iterator[tuple[int, dict, str | None]]:
     delimiter = "\t" if fmt == "tsv" else ","
-    with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
+    with io.TextIOWrapper(_open(path), encoding=encoding, errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader, None)
@@ -273,6 +338,9 @@ def _repair(value: str, encoding: str) -> str:
 
 def _parquet_file(path: str) -> pq.ParquetFile:
     try:
+        if is_uri(path):
+            fs, inner = _filesystem(path)
+            return pq.ParquetFile(inner, filesystem=fs)
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise SiftError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
