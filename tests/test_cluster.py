@@ -117,6 +117,9 @@ def ray_head():
     try:
         info = Head(f"http://127.0.0.1:{dashboard}", env, temp_dir)
         _wait_for_jobs_api(info, head)
+        # The sweep below must see the head's processes (GCS, raylet, dashboard, ...), or its
+        # "nothing left" check would pass vacuously.
+        assert len(_processes_of(head.pid, marker)) > 3
         yield info
     finally:
         head.send_signal(signal.SIGTERM)
@@ -197,6 +200,16 @@ def test_a_failing_job_reports_the_one_line_error(ray_head, tmp_path):
     assert "sift: error: no such file or folder: /nonexistent/pool.parquet" in done.stdout + done.stderr
     job = ray_head.api("/api/jobs/sift-missing-pool")
     assert job["status"] == "FAILED" and job["driver_exit_code"] == 2
+
+
+def test_the_jobs_cli_sends_the_token_only_in_token_mode(ray_head):
+    """What the README tells users: the token alone is not enough, RAY_AUTH_MODE=token is."""
+    without_mode = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_MODE"}
+    for env, ok in ((ray_head.env, True), (without_mode, False)):
+        listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
+                                env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert (listed.returncode == 0) == ok, listed.stderr[-2000:]
+        assert ("Unauthorized" in listed.stderr) != ok
 
 
 def test_ingest_reads_uris(tmp_path, ray_session):
