@@ -3,6 +3,7 @@
     POST /v1/classify      {"task", "text": str | [str], "labels"?, "compare"?}
     POST /v1/completions   OpenAI-compatible; model = "ensemble", an adapter name or "base"
     GET  /v1/models        OpenAI-compatible model list
+    POST /v1/ensemble      {"manifest": path}: serve a retrained ensemble on the same base, no restart
     GET  /health
 
 Every error is JSON, {"error": {"message", "type", "param", "code"}}, with a 4xx status for a bad
@@ -17,7 +18,7 @@ import time
 
 from engine.config import ServeConfig
 from engine.errors import SiftError
-from engine.serve.service import ClassifyRequest, CompletionRequest
+from engine.serve.service import ClassifyRequest, CompletionRequest, SwapRequest
 
 # Request bodies larger than this are refused before they are parsed (413).
 BODY_SLACK = 64 * 1024
@@ -78,6 +79,10 @@ def build_app(service):
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await service.complete(await parse(request, CompletionRequest))
+
+    @app.post("/v1/ensemble")
+    async def swap(request: Request):
+        return await service.swap(await parse(request, SwapRequest))
 
     return app
 

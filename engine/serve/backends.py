@@ -57,6 +57,11 @@ class Backend(ABC):
                        params: GenParams) -> dict[str | None, list[Generated]]:
         """Per model, one continuation of each prompt."""
 
+    @abstractmethod
+    async def swap(self, manifest: LoadedManifest) -> None:
+        """Replace the adapters by those of `manifest` (same base, checked); raise a RequestError
+        and keep the old ones when they do not load."""
+
     async def close(self) -> None:
         return None
 
@@ -102,6 +107,7 @@ class PeftBackend(Backend):
 
         torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
         self.manifest = manifest
+        self.trust_remote_code = cfg.trust_remote_code
         self.ensemble = EnsembleModel.load(manifest, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = self.ensemble.tokenizer
         self.max_model_len = context_length(builtin.resolve(manifest.base_model), cfg.max_model_len)
@@ -109,6 +115,17 @@ class PeftBackend(Backend):
 
     async def label_logprobs(self, prompts, token_ids, models):
         return await asyncio.to_thread(self._label_logprobs, prompts, token_ids, models)
+
+    async def swap(self, manifest):
+        from engine.ensemble.model import EnsembleModel
+        from engine.serve.errors import bad
+
+        try:
+            ensemble = await asyncio.to_thread(EnsembleModel.load, manifest, self.trust_remote_code)
+        except SiftError as exc:
+            raise bad(str(exc), "manifest") from None
+        with self._lock:
+            self.ensemble, self.manifest = ensemble, manifest
 
     async def generate(self, prompts, models, params):
         return await asyncio.to_thread(self._generate, prompts, models, params)

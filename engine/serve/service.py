@@ -61,6 +61,10 @@ class CompletionRequest(Request):
     task: str | None = None
 
 
+class SwapRequest(Request):
+    manifest: str = Field(description="another ensemble.json (or its folder) on the same base model")
+
+
 def load_manifest(cfg: ServeConfig) -> LoadedManifest:
     """Read and check the manifest, against the configured LoRA rank too (one-line errors)."""
     if cfg.manifest is None:
@@ -78,7 +82,7 @@ def check_rank(loaded: LoadedManifest, configured: int | None) -> None:
         return
     for entry in loaded.adapters:
         if entry.rank > configured:
-            raise SiftError(f"adapter {entry.name!r} has rank {entry.rank} > the server's max_lora_rank "
+            raise SiftError(f"adapter {entry.name!r} has rank {entry.rank}, above the server's max_lora_rank "
                             f"{configured}")
 
 
@@ -89,11 +93,38 @@ class Service:
         self.backend = backend
         self.tokenizer = backend.tokenizer
         self.created = int(time.time())
+        self.max_lora_rank = cfg.max_lora_rank or manifest.max_lora_rank  # the LoRA slots' size
+        self._use(manifest)
+
+    def _use(self, manifest: LoadedManifest) -> None:
+        self.manifest = manifest
         self.adapters = [a.name for a in manifest.adapters]
-        # Checked once at start: every task's labels must be told apart by their first token.
+        # Checked once per manifest: every task's labels must be told apart by their first token.
         self.label_ids = {task: dict(zip(entry.labels, labels.label_token_ids(self.tokenizer, manifest.answer,
                                                                                 entry.labels)))
                           for task, entry in manifest.tasks.items()}
+
+    async def swap(self, req: SwapRequest) -> dict:
+        """Serve another manifest on the same base (a retrained ensemble) without a restart. Its
+        adapters must fit the slots the server started with; on any error the old one stays."""
+        try:
+            new = manifest_mod.load(req.manifest)
+            check_rank(new, self.max_lora_rank)
+            reserved = sorted({a.name for a in new.adapters} & {ENSEMBLE, BASE})
+            if reserved:
+                raise SiftError(f"adapter name(s) {reserved} are reserved by the API")
+            if (new.base_model, new.prompt, new.answer, new.max_length, new.quantize) != (
+                    self.manifest.base_model, self.manifest.prompt, self.manifest.answer, self.manifest.max_length,
+                    self.manifest.quantize):
+                raise SiftError("the new manifest differs in base_model, prompt, answer, max_length or quantize; "
+                                "start a new server for it")
+            for task, entry in new.tasks.items():
+                labels.label_token_ids(self.tokenizer, new.answer, entry.labels)
+        except SiftError as exc:
+            raise bad(str(exc), "manifest") from None
+        await self.backend.swap(new)
+        self._use(new)
+        return self.health()
 
     @classmethod
     async def create(cls, cfg: ServeConfig) -> "Service":
@@ -150,7 +181,7 @@ class Service:
         chosen = entry.labels if req.labels is None else req.labels
         outside = [lab for lab in chosen if lab not in entry.labels]
         if outside:
-            raise bad(f"labels {outside} are not among task {req.task!r}'s labels {entry.labels}", "labels")
+            raise bad(f"labels {outside} are not labels of task {req.task!r}: {', '.join(entry.labels)}", "labels")
         if len(set(chosen)) != len(chosen) or len(chosen) < 2:
             raise bad(f"labels must be at least two distinct labels of task {req.task!r}", "labels")
         weights = {name: w for name, w in entry.weights.items() if w > 0}

@@ -101,23 +101,49 @@ class VllmBackend(Backend):
         except Exception as exc:
             raise SiftError(f"vLLM did not start on {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
                 from None
-        self.loras = {a.name: LoRARequest(a.name, i + 1, a.path) for i, a in enumerate(manifest.adapters)}
+        self._LoRARequest, self.slots, self._next_id = LoRARequest, slots, 1
+        self.loras = self._requests(manifest)
 
-    async def _warm_up(self) -> None:
-        """Load every adapter into its slot now, so that a bad one fails the start, not a request."""
+    def _requests(self, manifest: LoadedManifest) -> dict:
+        """Fresh LoRA ids for every load: vLLM caches adapters by id, so a new file gets a new id."""
+        loras = {}
+        for entry in manifest.adapters:
+            loras[entry.name] = self._LoRARequest(entry.name, self._next_id, entry.path)
+            self._next_id += 1
+        return loras
+
+    async def _warm_up(self, loras: dict | None = None) -> None:
+        """Load every adapter into its slot now, so that a bad one fails the start (or the swap),
+        not a request."""
+        loras = self.loras if loras is None else loras
         prompt = self.tokenizer("warm up")["input_ids"]
-        for name in [None, *self.loras]:
+        for name in [None, *loras] if loras is self.loras else list(loras):
             try:
-                await self.label_logprobs([prompt], [0], [name])
+                await self._run(prompt, self._SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+                                name, loras)
             except Exception as exc:
                 what = "the base model" if name is None else f"adapter {name!r}"
                 raise SiftError(f"{what} does not run in vLLM: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
                     from None
 
-    async def _run(self, prompt: list[int], params, model: str | None):
+    async def swap(self, manifest):
+        from engine.serve.errors import bad
+
+        if len(manifest.adapters) + 1 > self.slots:
+            raise bad(f"the new manifest has {len(manifest.adapters)} adapters; this server has LoRA slots for "
+                      f"{self.slots - 1}", "manifest")
+        loras = self._requests(manifest)
+        try:
+            await self._warm_up(loras)
+        except SiftError as exc:
+            raise bad(str(exc), "manifest") from None
+        self.loras, self.manifest = loras, manifest
+
+    async def _run(self, prompt: list[int], params, model: str | None, loras: dict | None = None):
+        lora = (self.loras if loras is None else loras)[model] if model is not None else None
         final = None
         async for out in self.engine.generate(self._TokensPrompt(prompt_token_ids=prompt), params,
-                                              uuid.uuid4().hex, lora_request=self.loras.get(model) if model else None):
+                                              uuid.uuid4().hex, lora_request=lora):
             final = out
         return final.outputs[0]
 
