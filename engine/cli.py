@@ -49,10 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     _common(ingest)
     ingest.set_defaults(run=_ingest)
 
-    demo = sub.add_parser("demo", help="run sift on the built-in corpora (embedded Ray)")
+    demo = sub.add_parser("demo", help="the whole pipeline on the built-in corpora and models (embedded Ray)")
     demo.add_argument("--out", type=Path)
     _common(demo)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_pipeline)
+
+    pipeline = sub.add_parser("run", help="run a pipeline file: ingest -> ... -> serve, skipping finished stages")
+    pipeline.add_argument("config", type=Path, help="pipeline YAML (see configs/pipeline.yaml)")
+    pipeline.add_argument("--out", type=Path)
+    pipeline.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pipeline.add_argument("--address", dest="runtime.address", help="Ray address (default: RAY_ADDRESS or embedded)")
+    pipeline.set_defaults(run=_pipeline)
 
     featurize = sub.add_parser("featurize", help="embeddings or projected per-example gradients into a feature store")
     kinds = featurize.add_subparsers(title="kinds")
@@ -191,11 +198,11 @@ def _ingest(args: argparse.Namespace) -> None:
     show(ingest(load_config(IngestConfig, args.config, _overrides(args))))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from engine import demo
-    from engine.config import DemoConfig, load_config
+def _pipeline(args: argparse.Namespace) -> None:
+    from engine import pipeline
+    from engine.config import PipelineConfig, load_config
 
-    demo.run(load_config(DemoConfig, args.config, _overrides(args)))
+    pipeline.run(load_config(PipelineConfig, args.config, _overrides(args)))
 
 
 def _embed(args: argparse.Namespace) -> None:

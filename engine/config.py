@@ -278,17 +278,51 @@ class ServeConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
-class DemoConfig(StrictModel):
+class PoolStage(StrictModel):
+    """The pool part of a pipeline: unlabeled texts -> embeddings -> GOT-D toward a target."""
+
+    inputs: list[str] = Field(default_factory=list, description="pool files/folders/URIs; empty: the built-in corpora")
     corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
-        default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"]
-    )
-    out: Path = Path("runs/demo")
-    sample_rows: PositiveInt = Field(2000, description="rows (stratified by corpus) embedded by the demo")
-    grad_rows: PositiveInt = Field(400, description="labelled tweets whose LoRA gradients the demo takes")
-    grad_model: str = "tiny-llama"
-    target_topic: str = Field("computers", description="fortunes topic the demo's selection aims at")
+        default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"])
+    target: str | None = Field(None, description="target texts; default: a held-out topic of the fortunes corpus")
+    target_topic: str = "computers"
     target_rows: PositiveInt = 100
-    select_budget: PositiveInt = 30
+    sample_rows: PositiveInt | None = Field(2000, description="embed a sample stratified by source; null: all rows")
+    budget: float = Field(30, gt=0)
+    method: Literal["gotd", "knn", "dsir", "grad-cosine", "random"] = "gotd"
+
+
+class TasksStage(StrictModel):
+    """The task part: labelled tasks -> gradients -> subset search -> groups -> adapter ensemble."""
+
+    data: Path | None = Field(None, description="labelled multi-task examples; default: the built-in suite")
+    suite_tasks: list[str] = Field(default_factory=lambda: [
+        "tweet-polarity", "wordnet-animal-plant", "wordnet-person-location", "fortunes-computers-science",
+        "fortunes-law-politics"])
+    per_task: PositiveInt = 80
+    model: str = "tiny-llama"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    dim: PositiveInt = 64
+    max_length: PositiveInt = 64
+    target: list[str] = Field(default_factory=lambda: ["wordnet-animal-plant"], description="select-tasks target")
+    subsets: PositiveInt = 100
+    groups: PositiveInt | None = 2
+    epochs: PositiveInt = 2
+    boost: int = Field(1, ge=0)
+    quantize: Literal["none", "nf4"] = "none"
+
+
+class PipelineConfig(StrictModel):
+    """`sift run pipeline.yaml` (`sift demo` runs the defaults): every stage, each skipped when
+    its fingerprint (its settings and everything upstream) matches a finished run."""
+
+    out: Path = Path("runs/demo")
+    stages: list[Literal["ingest", "embed", "select-pool", "suite", "grads", "select-tasks", "group", "train",
+                         "serve"]] | None = Field(None, description="run only these (default: all)")
+    pool: PoolStage = Field(default_factory=PoolStage)
+    tasks: TasksStage = Field(default_factory=TasksStage)
+    serve_backend: Literal["peft", "vllm"] = Field("peft", description="backend of the smoke query")
+    serve_queries: PositiveInt = 8
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
