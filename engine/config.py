@@ -222,6 +222,7 @@ class LoraTrainConfig(StrictModel):
     batch_size: PositiveInt = 16
     lr: float = Field(1e-3, gt=0)
     workers: PositiveInt = Field(1, description="Ray Train workers (data parallel, gloo on CPU)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Ray Train worker (0: train on CPUs)")
     trust_remote_code: bool = False
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -243,6 +244,7 @@ class EnsembleTrainConfig(StrictModel):
     batch_size: PositiveInt = 16
     lr: float = Field(1e-3, gt=0)
     workers: PositiveInt = Field(1, description="Ray Train workers per group")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Ray Train worker (0: train on CPUs)")
     boost: int = Field(0, ge=0, description="boosting rounds (closed-form residual adapters)")
     boost_weight: float = Field(0.2, gt=0, lt=1)
     boost_alpha: float = Field(10.0, gt=0, description="ridge strength of a boosting adapter")

@@ -28,6 +28,7 @@ ENV_DEFAULTS = {
     "HF_DATASETS_OFFLINE": "1",
     "OMP_WAIT_POLICY": "PASSIVE",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # a weights-loading bar per model load, in every worker
 }
 # Ray Data draws progress bars on a terminal; elsewhere (CI, logs) its per-second progress lines
 # drown the output, so keep only its warnings there.

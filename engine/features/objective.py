@@ -11,6 +11,7 @@ from engine.features import answers
 
 def loss(module, batch: answers.AnswerBatch, objective: str = "answer") -> torch.Tensor:
     """answer: softplus(-f) (CE for one-token answers); lm: mean token CE over the text."""
+    batch = batch.to(next(module.parameters()).device)
     if objective == "lm":
         logp = module(*batch.tensors(), per_token=True)
         valid = batch.answer_valid.to(logp.dtype)
@@ -21,7 +22,8 @@ def loss(module, batch: answers.AnswerBatch, objective: str = "answer") -> torch
 def score(module, encoded: list[answers.Encoded], pad: int, batch: int = 32) -> torch.Tensor:
     """f of every encoded row, without gradients."""
     with torch.no_grad():
-        return torch.cat([module(*answers.collate(encoded[i:i + batch], pad).tensors())
+        device = next(module.parameters()).device
+        return torch.cat([module(*answers.collate(encoded[i:i + batch], pad).to(device).tensors()).cpu()
                           for i in range(0, len(encoded), batch)])
 
 

@@ -132,9 +132,9 @@ def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path,
         data=data, out=out / "runs" / name, model=anchor_cfg.model, tasks=group, lora=anchor_cfg.lora,
         quantize=cfg.quantize, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer, max_length=anchor_cfg.max_length,
         epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
-        workers=cfg.workers, trust_remote_code=anchor_cfg.trust_remote_code, seed=cfg.seed, runtime=cfg.runtime,
+        workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, trust_remote_code=anchor_cfg.trust_remote_code, seed=cfg.seed, runtime=cfg.runtime,
     ).model_dump(mode="json") for name, group in zip(names, partition)]
-    slots = max(1, cpus // cfg.workers)
+    slots = max(1, cpus // cfg.workers)  # on GPUs Ray queues the worker groups until GPUs free up
     pending, running, results = list(enumerate(configs)), {}, {}
     while pending or running:
         while pending and len(running) < slots:

@@ -72,6 +72,8 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     tokenizer, model = anchor_model(cfg)
+    if cfg.quantize == "none":  # a 4-bit base is placed on the GPU as it loads
+        model = model.to(ray.train.torch.get_device())
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -129,11 +131,15 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         previous = json.loads(finished.read_text())
         if previous.get("fingerprint") == _fingerprint(cfg) and previous["config"]["epochs"] == cfg.epochs:
             return previous
-    workers = min(cfg.workers, max(1, int(info.cpus)))
+    workers = cfg.workers if cfg.gpus_per_worker else min(cfg.workers, max(1, int(info.cpus)))
+    if cfg.gpus_per_worker and info.gpus < cfg.gpus_per_worker * workers:
+        print(f"train-lora: waiting for {cfg.gpus_per_worker * workers:g} GPUs (the cluster has {info.gpus:g} now)")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": 1, **({"GPU": cfg.gpus_per_worker}
+                                                                         if cfg.gpus_per_worker else {})}),
         run_config=RunConfig(name=f"train-lora-{_fingerprint(cfg)}", storage_path=str(out / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.epochs)),
     )
