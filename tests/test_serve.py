@@ -40,9 +40,10 @@ def _greedy(reference, adapter, text, steps):
     ids = reference.tokenizer(text)["input_ids"]
     eos = reference.tokenizer.eos_token_id
     out = []
+    device = next(reference.model.parameters()).device
     with labels.active(reference.model, adapter), torch.no_grad():
         for _ in range(steps):
-            logits = reference.model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            logits = reference.model(input_ids=torch.tensor([ids + out], device=device)).logits[0, -1]
             out.append(int(logits.argmax()))
             if out[-1] == eos:
                 break

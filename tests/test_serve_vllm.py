@@ -132,7 +132,8 @@ def test_greedy_completions_match_peft(vllm_server, reference):
     ids = reference.tokenizer(prompt)["input_ids"]
     for name, out in body["choices"][0]["ensemble"]["adapters"].items():
         with labels.active(reference.model, name), torch.no_grad():
-            tokens = reference.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+            device = next(reference.model.parameters()).device
+            tokens = reference.model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=6, do_sample=False,
                                               pad_token_id=reference.tokenizer.pad_token_id)
         assert out["text"] == reference.tokenizer.decode(tokens[0, len(ids):], skip_special_tokens=True), name
 

@@ -11,4 +11,10 @@ mkdir -p "$CARRY/wheels" "$CARRY/cache"
   "ray[data,train,tune,serve,default]" "transformers<5.20" peft polars pot faiss-gpu-cu12 pydantic rich \
   pytest pytest-timeout psutil gguf datasets 2>&1 | tail -3
 SIFT_CACHE=$PWD/$CARRY/cache .venv/bin/sift models tiny-llama
+# For jobs/gpu_check/serve.sh on a machine without vllm: SIFT_GPU_VLLM=1 adds vllm and the CUDA
+# torch it pins (~3 GB: beyond a 64 MiB carry; for machines that take a larger copy).
+if [[ -n ${SIFT_GPU_VLLM:-} ]]; then
+  .venv/bin/pip download -q -d "$CARRY/wheels-vllm" --python-version 3.12 --only-binary=:all: \
+    "vllm>=0.11" "transformers<5.20" 2>&1 | tail -3
+fi
 du -sh "$CARRY"

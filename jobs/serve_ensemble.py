@@ -1,0 +1,36 @@
+"""Ray job entrypoint: serve an adapter ensemble on a cluster with Ray Serve, the same app and
+flags as `sift serve` (vLLM multi-LoRA replicas get one GPU each when the cluster has GPUs).
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/serve_ensemble.py /shared/ensemble --backend vllm --host 0.0.0.0 --port 8000 \
+        --set replicas=2 --detach
+
+The manifest and its adapters must be on storage every node can read. Without --detach the job
+stays up (and so does the app) until it is stopped; with --detach it deploys and returns, and the
+app keeps running on the cluster's Serve until `serve shutdown`. The default host is 127.0.0.1:
+pass --host 0.0.0.0 to reach the HTTP proxies from outside the nodes, behind your own network
+controls.
+"""
+
+import sys
+
+from engine.cli import main
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if "--detach" in argv:
+        argv.remove("--detach")
+        from engine.config import ServeConfig, load_config
+        from engine.errors import SiftError
+        from engine.cli import _parser, _overrides
+        from engine.serve.app import serve
+
+        args = _parser().parse_args(["serve", *argv])
+        try:
+            serve(load_config(ServeConfig, args.config, _overrides(args)), block=False)
+        except SiftError as exc:
+            print(f"sift: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(0)
+    sys.exit(main(["serve", *argv]))
