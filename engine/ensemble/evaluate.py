@@ -22,6 +22,13 @@ class TaskScores:
     gold: np.ndarray  # (B,) class index of each row's label
     probs: dict[str, np.ndarray]  # adapter -> (B, L) class probabilities
 
+    def gold_prob(self, adapter: str) -> np.ndarray:
+        """(B,) the adapter's probability of each row's gold label."""
+        return self.probs[adapter][np.arange(len(self.gold)), self.gold]
+
+    def mixed_gold_prob(self, weights: dict[str, float]) -> np.ndarray:
+        return sum(w * self.gold_prob(n) for n, w in weights.items() if w > 0)
+
 
 def read_split(data: str | Path, tasks: list[str], split: str | None) -> tuple[pl.DataFrame, str]:
     """Rows of `tasks` from one split: the given one, else test when present, else validation."""

@@ -32,11 +32,12 @@ def label_token_ids(tokenizer, answer: str, labels: list[str]) -> list[int]:
     return ids
 
 
-def prompt_ids(tokenizer, manifest: Manifest, text: str) -> list[int]:
-    """The prompt's token ids, cut from the left to max_length - 1 (one slot for the answer)."""
+def prompt_ids(tokenizer, manifest: Manifest, text: str, task: str) -> list[int]:
+    """The prompt's token ids (formatted as in training), cut from the left to max_length - 1
+    (one slot for the answer)."""
     if not text:
         raise SiftError("empty text")
-    ids = tokenizer(manifest.prompt.format(text=text, task="", label=""))["input_ids"]
+    ids = tokenizer(manifest.prompt.format(text=text, task=task, label=""))["input_ids"]
     return ids[-(manifest.max_length - 1):]
 
 

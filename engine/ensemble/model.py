@@ -52,7 +52,7 @@ class EnsembleModel:
         for name in names:
             self.manifest.adapter(name)
         token_ids = labels.label_token_ids(self.tokenizer, self.manifest.answer, entry.labels)
-        prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t) for t in texts]
+        prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t, task) for t in texts]
         out = {}
         for name in names:
             with labels.active(self.model, name):

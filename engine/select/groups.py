@@ -51,7 +51,7 @@ def affinity(data: TaskGradients, subsets: int, ratio: float, lam: float, seed: 
     missing = [t for t in data.tasks if not bool((data.task == data.tasks.index(t)).logical_and(~data.train).any())]
     if missing:
         raise SiftError(f"task(s) {missing} have no validation rows: the affinity needs them")
-    sets = random_subsets(n, subsets, ratio, seed)
+    sets = random_subsets(n, subsets, max(ratio, 2 / n), seed)  # a pair at least, or T says nothing
     loss, _ = task_losses(data, sets, lam)
     # Task i is standardised over the subsets that train on it: otherwise "i is in the fit"
     # would dominate every T[i, j] and hide which partners help.
@@ -97,7 +97,10 @@ def sdp(T: np.ndarray, m: int, seed: int) -> np.ndarray:
     X = cp.Variable((n, n), symmetric=True)
     constraints = [X >> 0, X >= 0, X @ np.ones(n) == np.ones(n), cp.trace(X) == m]
     problem = cp.Problem(cp.Maximize(cp.trace(T @ X)), constraints)
-    problem.solve(solver=cp.SCS, eps=1e-6, max_iters=20000)
+    try:
+        problem.solve(solver=cp.SCS, eps=1e-6, max_iters=20000)
+    except cp.error.SolverError:
+        X.value = None
     if X.value is None:
         raise SiftError(f"the SDP relaxation did not solve ({problem.status}); use --set method=spectral")
     labels = KMeans(m, n_init=10, random_state=seed).fit_predict(X.value)

@@ -21,7 +21,7 @@ from engine.config import GroupConfig
 from engine.errors import SiftError
 from engine.report import table
 from engine.select import groups, subsets
-from engine.select.tune import restorable_tuner
+from engine.select.tune import experiment_name, restorable_tuner
 
 EXPERIMENT = "group-search"
 
@@ -82,9 +82,13 @@ def _search(cfg: GroupConfig, data: subsets.TaskGradients, starts: dict[str, lis
     info = runtime.start(cfg.runtime)
     trainable = tune.with_resources(
         tune.with_parameters(_refine, data=data, starts=starts, lam=cfg.lam, rounds=cfg.rounds), {"cpu": 1})
-    tuner = restorable_tuner(trainable, EXPERIMENT, out / "tune", param_space={"start": tune.grid_search(list(starts))},
+    name = experiment_name(EXPERIMENT, starts, cfg.lam, cfg.rounds, data)
+    tuner = restorable_tuner(trainable, name, out / "tune", param_space={"start": tune.grid_search(list(starts))},
                              tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(info.cpus))))
-    frame = tuner.fit().get_dataframe()
+    grid = tuner.fit()
+    if grid.errors:
+        raise SiftError(f"a local search failed: {str(grid.errors[0]).strip().splitlines()[-1][:300]}")
+    frame = grid.get_dataframe()
     candidates = []
     for _, row in frame.iterrows():
         labels = json.loads(row["labels"])

@@ -39,7 +39,7 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
     trainable = tune.with_resources(
         tune.with_parameters(_trial, data=data, targets=targets, candidates=candidates, lam=lam), {"cpu": 1})
     tuner = restorable_tuner(
-        trainable, EXPERIMENT, storage,
+        trainable, experiment_name(EXPERIMENT, targets, candidates, samples, lam, seed, data), storage,
         param_space={c: tune.choice([False, True]) for c in candidates},
         tune_config=tune.TuneConfig(
             metric="loss", mode="min", num_samples=samples,
@@ -48,6 +48,22 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
     frame = results.get_dataframe().sort_values("trial_id")
     chosen = np.array([[bool(row[f"config/{c}"]) for c in candidates] for _, row in frame.iterrows()])
     return subsets.SubsetEstimates(candidates, chosen, frame["loss"].to_numpy(), frame["accuracy"].to_numpy())
+
+
+def experiment_name(prefix: str, *settings) -> str:
+    """`prefix`-<hash of the settings and the data>: an experiment is restored only when it was
+    run on the same inputs (a TaskGradients among the settings stands for its contents)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item in settings:
+        if isinstance(item, subsets.TaskGradients):
+            digest.update(repr((item.tasks, tuple(item.G.shape))).encode())
+            for tensor in (item.G, item.f, item.task, item.train):
+                digest.update(tensor.contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(item).encode())
+    return f"{prefix}-{digest.hexdigest()[:12]}"
 
 
 def restorable_tuner(trainable, name: str, storage: Path, param_space: dict, tune_config):

@@ -187,7 +187,7 @@ class Service:
         weights = {name: w for name, w in entry.weights.items() if w > 0}
         extra = [self._model(name, "compare") for name in req.compare]
         models = list(dict.fromkeys([*weights, *extra]))
-        prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t) for t in texts]
+        prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t, req.task) for t in texts]
         token_ids = [self.label_ids[req.task][lab] for lab in chosen]
         logprobs = await self.backend.label_logprobs(prompts, token_ids, models)
         mixed = mixture(logprobs, weights)

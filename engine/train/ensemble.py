@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine import runtime
 from engine.config import EnsembleTrainConfig, GradsConfig, LoraTrainConfig
@@ -27,7 +28,6 @@ from engine.data.ingest import examples_path
 from engine.ensemble import boost, evaluate, flops, manifest as manifest_io, weights as mixture_weights
 from engine.ensemble.model import EnsembleModel
 from engine.errors import SiftError
-from engine.report import table
 from engine.select.anchor import Anchor
 from engine.train.lora import train_lora
 
@@ -70,6 +70,13 @@ def _check(partition: list[list[str]], frame: pl.DataFrame) -> None:
     for k, group in enumerate(partition):
         if not train.filter(pl.col("task").is_in(group)).height:
             raise SiftError(f"group {k} ({', '.join(group)}) has no training rows")
+    validation = frame.filter(pl.col("split") == "validation")
+    for task in grouped:
+        rows = validation.filter(pl.col("task") == task)
+        if not rows.height:
+            raise SiftError(f"task {task!r} has no validation rows: the ensemble's weights are fitted on them")
+        if frame.filter(pl.col("task") == task)["label"].n_unique() < 2:
+            raise SiftError(f"task {task!r} has fewer than two labels: nothing to classify")
 
 
 def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
@@ -90,12 +97,13 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
     trained = _train_groups(cfg, anchor_cfg, data, partition, names, out, int(info.cpus))
     labels = {t: sorted(frame.filter(pl.col("task") == t)["label"].drop_nulls().unique().to_list())
               for g in partition for t in g}
-    entries = [manifest_io.AdapterEntry(name=n, path=f"adapters/{n}", kind="group", tasks=g, rank=anchor_cfg.lora.r)
+    rank = _rank(out / "adapters" / names[0])
+    entries = [manifest_io.AdapterEntry(name=n, path=f"adapters/{n}", kind="group", tasks=g, rank=rank)
                for n, g in zip(names, partition)]
     own = {t: n for n, g in zip(names, partition) for t in g}
     manifest = manifest_io.Manifest(
         base_model=anchor_cfg.model, quantize=cfg.quantize, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer,
-        max_length=anchor_cfg.max_length, max_lora_rank=anchor_cfg.lora.r, adapters=entries,
+        max_length=anchor_cfg.max_length, max_lora_rank=rank, adapters=entries,
         tasks={t: manifest_io.TaskEntry(labels=labels[t], weights={own[t]: 1.0}) for t in own})
     manifest_io.write(manifest, out)
 
@@ -129,17 +137,21 @@ def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path,
                   names: list[str], out: Path, cpus: int) -> list[dict]:
     """Every group's train-lora run, as many at once as there are CPUs for their workers."""
     configs = [LoraTrainConfig(
-        data=data, out=out / "runs" / name, model=anchor_cfg.model, tasks=group, lora=anchor_cfg.lora,
+        data=data, out=out / "runs" / name, model=anchor_cfg.model, adapter=anchor_cfg.adapter, tasks=group,
+        lora=anchor_cfg.lora,
         quantize=cfg.quantize, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer, max_length=anchor_cfg.max_length,
         epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
         workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, trust_remote_code=anchor_cfg.trust_remote_code, seed=cfg.seed, runtime=cfg.runtime,
     ).model_dump(mode="json") for name, group in zip(names, partition)]
     slots = max(1, cpus // cfg.workers)  # on GPUs Ray queues the worker groups until GPUs free up
+    # The run's driver stays on this node: the adapters it reports are copied from local disk.
+    here = _train_group.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False))
     pending, running, results = list(enumerate(configs)), {}, {}
     while pending or running:
         while pending and len(running) < slots:
             k, config = pending.pop(0)
-            running[_train_group.remote(config)] = k
+            running[here.remote(config)] = k
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             try:
@@ -154,14 +166,16 @@ def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path,
     return [results[k] for k in range(len(configs))]
 
 
+def _rank(adapter: Path) -> int:
+    return int(json.loads((adapter / "adapter_config.json").read_text())["r"])
+
+
 def _fit_weights(manifest: manifest_io.Manifest, scores: dict[str, evaluate.TaskScores]) -> manifest_io.Manifest:
     """Per task, EM mixture weights over every adapter on the validation rows."""
     names = [a.name for a in manifest.adapters]
     tasks = {}
     for task, entry in manifest.tasks.items():
-        s = scores[task]
-        gold = np.stack([s.probs[n][np.arange(len(s.gold)), s.gold] for n in names])
-        w = mixture_weights.fit(gold)
+        w = mixture_weights.fit(np.stack([scores[task].gold_prob(n) for n in names]))
         tasks[task] = entry.model_copy(update={"weights": {n: float(v) for n, v in zip(names, w) if v > 0}})
     return manifest.model_copy(update={"tasks": tasks})
 
@@ -169,9 +183,7 @@ def _fit_weights(manifest: manifest_io.Manifest, scores: dict[str, evaluate.Task
 def _validation_nll(manifest: manifest_io.Manifest, scores: dict[str, evaluate.TaskScores]) -> float:
     values = []
     for task, entry in manifest.tasks.items():
-        s = scores[task]
-        mixed = sum(w * s.probs[n][np.arange(len(s.gold)), s.gold] for n, w in entry.weights.items())
-        values.append(-np.log(np.clip(mixed, 1e-12, None)).mean())
+        values.append(-np.log(np.clip(scores[task].mixed_gold_prob(entry.weights), 1e-12, None)).mean())
     return float(np.mean(values))
 
 
@@ -190,14 +202,12 @@ def _boost(cfg: EnsembleTrainConfig, manifest: manifest_io.Manifest, anchor_cfg:
     for k in range(1, cfg.boost + 1):
         residual = np.empty(train.height)
         for task, entry in manifest.tasks.items():
-            s = train_scores[task]
-            p = sum(w * s.probs[n][np.arange(len(s.gold)), s.gold] for n, w in entry.weights.items())
-            residual[(train["task"] == task).to_numpy()] = 1.0 - p
+            residual[(train["task"] == task).to_numpy()] = 1.0 - train_scores[task].mixed_gold_prob(entry.weights)
         name = f"boost-{k}"
         folder = out / "adapters" / name
         size = boost.save_adapter(anchor, boost.residual_w(G, f, torch.as_tensor(residual), cfg.boost_alpha), folder)
         entry = manifest_io.AdapterEntry(name=name, path=f"adapters/{name}", kind="boost", tasks=tasks,
-                                         rank=anchor_cfg.lora.r)
+                                         rank=_rank(folder))
         mixed = {t: e.model_copy(update={"weights": {**{n: v * (1 - cfg.boost_weight) for n, v in e.weights.items()},
                                                      name: cfg.boost_weight}}) for t, e in manifest.tasks.items()}
         candidate = manifest.model_copy(update={"adapters": [*manifest.adapters, entry], "tasks": mixed})
@@ -222,7 +232,9 @@ def _flops(ensemble: EnsembleModel, frame: pl.DataFrame, grads: Path, partition:
     """FLOPs per stage (engine/ensemble/flops.py has the formulas)."""
     from engine.features.store import FeatureStore
 
-    params = sum(p.numel() for p in ensemble.model.get_base_model().parameters())
+    # Base weights only; a 4-bit Params4bit stores two weights per element.
+    params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+                 for n, p in ensemble.model.get_base_model().named_parameters() if "lora_" not in n)
     sample = frame["text"].head(500).to_list()
     tokens = float(np.mean([len(ensemble.tokenizer(t)["input_ids"]) for t in sample])) + 2  # prompt + answer
     train = frame.filter(pl.col("split") == "train")
@@ -230,16 +242,18 @@ def _flops(ensemble: EnsembleModel, frame: pl.DataFrame, grads: Path, partition:
     for group, run in zip(partition, trained):
         c = run["config"]
         rows = train.filter(pl.col("task").is_in(group)).height
-        examples += len(run["history"]) * (c["steps_per_epoch"] or max(1, rows // c["batch_size"])) * c["batch_size"]
+        steps = c["steps_per_epoch"] or max(1, rows // (c["batch_size"] * run["workers"]))
+        examples += len(run["history"]) * steps * c["batch_size"] * run["workers"]
     estimator = 0.0
     if groups_dir is not None:
         info = json.loads((groups_dir / "groups.json").read_text())["estimator"]
         estimator = flops.estimator_fits(info["affinity_fits"] + info["search_fits"], info["rows"], info["dim"])
     rounds = len(boosting)
     weighted = np.mean([sum(1 for w in e.weights.values() if w > 0) for e in ensemble.manifest.tasks.values()])
-    return {"gradient_pass": flops.train(params, tokens) * FeatureStore(grads).rows().height,
+    store = FeatureStore(grads)
+    return {"gradient_pass": flops.train(params, tokens) * store.rows().height,
             "estimator": estimator,
             "training": flops.train(params, tokens) * examples,
-            "boosting": rounds * (flops.forward(params, tokens) * frame.height + flops.ridge(train.height, 0)),
+            "boosting": rounds * (flops.forward(params, tokens) * frame.height + flops.ridge(train.height, store.spec.dim)),
             "inference_per_query": flops.forward(params, tokens) * float(weighted),
             "adapters_per_query": float(weighted)}

@@ -84,11 +84,13 @@ def train_loop(config: dict) -> None:
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER / "adapter_model.safetensors")))
             start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
     score = AnswerScore(model)
-    train = _encode(tokenizer, cfg, _rows(cfg, "train"))[rank::world]
+    every = _encode(tokenizer, cfg, _rows(cfg, "train"))
+    train = every[rank::world]
     validation = _encode(tokenizer, cfg, _rows(cfg, "validation"))
     trained = ray.train.torch.prepare_model(score) if world > 1 else score
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    steps = cfg.steps_per_epoch or max(1, len(train) // cfg.batch_size)
+    # Every rank takes the same number of steps (DDP all-reduces each one), from the global count.
+    steps = cfg.steps_per_epoch or max(1, len(every) // (cfg.batch_size * world))
     pad = tokenizer.pad_token_id
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng(cfg.seed * 1000 + epoch * 17 + rank)
@@ -143,14 +145,15 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         run_config=RunConfig(name=f"train-lora-{_fingerprint(cfg)}", storage_path=str(out / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.epochs)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise SiftError(f"training failed: {str(result.error).splitlines()[0]}")
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train v2 raises the workers' error from fit()
+        raise SiftError(f"training failed: {str(exc).strip().splitlines()[-1][:300]}") from None
     history = []
     best = None
-    def rank(metrics: dict) -> tuple:  # validation accuracy first (answer), then loss
-        accuracy = metrics["val_accuracy"]
-        return (-accuracy if accuracy == accuracy else 0.0, metrics["val_loss"])
+    def rank(metrics: dict) -> tuple:  # validation accuracy first (answer), then loss; else the latest
+        accuracy, loss = metrics["val_accuracy"], metrics["val_loss"]
+        return (-accuracy if accuracy == accuracy else 0.0, loss if loss == loss else 0.0, -metrics["epoch"])
 
     for checkpoint, metrics in result.best_checkpoints:
         history.append(metrics)
