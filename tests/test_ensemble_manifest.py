@@ -86,3 +86,10 @@ def test_reference_scoring_matches_a_plain_forward_per_adapter(tiny_manifest):
     weights = ensemble.manifest.task("wordnet-animal-plant").weights
     expected = sum(w * torch.softmax(per_adapter[n].double(), -1) for n, w in weights.items())
     assert torch.allclose(probs, expected)
+
+
+def test_prompts_are_formatted_with_the_task_as_in_training(tiny_manifest):
+    loaded = manifest.load(tiny_manifest).model_copy(update={"prompt": "{task}: {text}\nAnswer:"})
+    tokenizer = load.load_tokenizer(builtin.resolve("tiny-llama"))
+    ids = labels.prompt_ids(tokenizer, loaded, "a cat", "wordnet-animal-plant")
+    assert ids == tokenizer("wordnet-animal-plant: a cat\nAnswer:")["input_ids"]

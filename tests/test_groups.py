@@ -87,3 +87,12 @@ def test_classification_metrics_match_sklearn():
     assert m["accuracy"] == pytest.approx(accuracy_score(gold, probs.argmax(1)))
     assert m["macro_f1"] == pytest.approx(f1_score(gold, probs.argmax(1), average="macro"))
     assert m["nll"] == pytest.approx(log_loss(gold, probs))
+
+
+def test_affinity_of_few_tasks_still_pairs_them():
+    data = _planted()
+    three = TaskGradients(data.tasks[:3], data.G[data.task < 3], data.f[data.task < 3], data.task[data.task < 3],
+                          data.train[data.task < 3])
+    aff = groups.affinity(three, subsets=20, ratio=0.3, lam=1e-3, seed=0)
+    assert aff.subsets.sum(1).min() >= 2
+    assert np.abs(aff.T).sum() > 0

@@ -40,3 +40,24 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, ray_session, capsys):
 
 def test_shipped_pipeline_file_is_the_demo():
     assert load_config(PipelineConfig, "configs/pipeline.yaml") == PipelineConfig()
+
+
+def test_stages_left_out_pass_on_their_fingerprint_on_disk(tmp_path, ray_session, monkeypatch):
+    """Running only `group` after a grads setting changed must not record group as built on the
+    new gradients: a later full run rebuilds grads and then group too."""
+    from engine import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "STAGES", {name: (lambda cfg, out, name=name: calls.append(name) or name)
+                                             for name in pipeline.STAGES})
+    monkeypatch.setattr(pipeline, "_ensemble_table", lambda out: None)
+    base = {"out": tmp_path / "run"}
+    pipeline.run(PipelineConfig(**base))
+    assert calls == list(pipeline.UPSTREAM)
+    calls.clear()
+    changed = {**base, "tasks": {"dim": 128, "groups": 3}}
+    pipeline.run(PipelineConfig(**changed, stages=["group"]))
+    assert calls == ["group"]  # its own setting changed; it ran on the gradients on disk
+    calls.clear()
+    pipeline.run(PipelineConfig(**changed))
+    assert calls == ["grads", "select-tasks", "group", "train", "serve"]
