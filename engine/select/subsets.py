@@ -55,7 +55,7 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
         raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
     tasks = sorted(joined["task"].drop_nulls().unique().to_list())
     index = {t: i for i, t in enumerate(tasks)}
-    order = torch.as_tensor(np.array(joined["row"].to_numpy()))
+    order = torch.as_tensor(joined["row"].to_numpy().astype(np.int64))
     data = TaskGradients(tasks, vectors[order], f[order],
                          torch.tensor([index[t] for t in joined["task"].to_list()]),
                          torch.tensor((joined["split"] == "train").to_numpy()))
