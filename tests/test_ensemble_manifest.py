@@ -93,3 +93,13 @@ def test_prompts_are_formatted_with_the_task_as_in_training(tiny_manifest):
     tokenizer = load.load_tokenizer(builtin.resolve("tiny-llama"))
     ids = labels.prompt_ids(tokenizer, loaded, "a cat", "wordnet-animal-plant")
     assert ids == tokenizer("wordnet-animal-plant: a cat\nAnswer:")["input_ids"]
+
+
+def test_an_adapter_that_fails_to_load_is_named(tiny_manifest, tmp_path):
+    def corrupt(raw, folder):
+        (folder / "adapters/group-2/adapter_model.safetensors").write_bytes(b"not a safetensors file")
+
+    broken = manifest.load(_edited(tiny_manifest, tmp_path, corrupt))
+    with pytest.raises(SiftError, match="adapter 'group-2' \\(.*group-2\\) does not load") as err:
+        EnsembleModel.load(broken)
+    assert "\n" not in str(err.value)
