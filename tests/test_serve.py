@@ -77,7 +77,7 @@ def test_classify_equals_the_reference(server, reference, task, texts):
             assert result["adapters"][name]["weight"] == weights[name]
     # The base model, bare: not any adapter's numbers.
     token_ids = labels.label_token_ids(reference.tokenizer, reference.manifest.answer, entry.labels)
-    prompts = [labels.prompt_ids(reference.tokenizer, reference.manifest, t) for t in texts]
+    prompts = [labels.prompt_ids(reference.tokenizer, reference.manifest, t, task) for t in texts]
     with labels.active(reference.model, None):
         base = labels.next_token_logprobs(reference.model, prompts, token_ids, reference.tokenizer.pad_token_id)
     got = np.array([[r["adapters"]["base"]["logprobs"][lab] for lab in entry.labels] for r in body["results"]])

@@ -57,7 +57,7 @@ def _reference_logprobs(reference, task, texts):
     entry = reference.manifest.task(task)
     out = {k: v.double().numpy() for k, v in reference.label_logprobs(task, texts).items()}
     token_ids = labels.label_token_ids(reference.tokenizer, reference.manifest.answer, entry.labels)
-    prompts = [labels.prompt_ids(reference.tokenizer, reference.manifest, t) for t in texts]
+    prompts = [labels.prompt_ids(reference.tokenizer, reference.manifest, t, task) for t in texts]
     with labels.active(reference.model, None):
         out["base"] = labels.next_token_logprobs(reference.model, prompts, token_ids,
                                                  reference.tokenizer.pad_token_id).double().numpy()
