@@ -302,8 +302,9 @@ class TasksStage(StrictModel):
         "tweet-polarity", "wordnet-animal-plant", "wordnet-person-location", "fortunes-computers-science",
         "fortunes-law-politics"])
     per_task: PositiveInt = 80
-    model: str = "tiny-llama"
-    lora: LoraSpec = Field(default_factory=LoraSpec)
+    model: str = "smollm2-135m"
+    lora: LoraSpec = Field(default_factory=lambda: LoraSpec(layers=[26, 27, 28, 29]),
+                           description="the demo adapts SmolLM2's top 4 layers (backprop stops there)")
     dim: PositiveInt = 64
     max_length: PositiveInt = 64
     target: list[str] = Field(default_factory=lambda: ["wordnet-animal-plant"], description="select-tasks target")

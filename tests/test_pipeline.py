@@ -13,7 +13,8 @@ from engine.config import PipelineConfig, load_config
 SMALL = {
     "pool": {"corpora": ["chatterbot", "fortunes"], "sample_rows": 300, "target_rows": 40, "budget": 20},
     "tasks": {"suite_tasks": ["wordnet-animal-plant", "fortunes-law-politics", "wordnet-person-location"],
-              "per_task": 40, "dim": 32, "subsets": 30, "epochs": 1, "boost": 0},
+              "per_task": 40, "model": "tiny-llama", "lora": {"layers": None}, "dim": 32, "subsets": 30,
+              "epochs": 1, "boost": 0},
     "serve_queries": 3,
 }
 
