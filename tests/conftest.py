@@ -83,3 +83,12 @@ def tiny_manifest(tmp_path_factory) -> Path:
     }
     return manifest.write(manifest.Manifest(base_model="tiny-llama", max_lora_rank=8, adapters=adapters,
                                             tasks=tasks), root)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_manifest):
+    """The tiny manifest in the transformers + PEFT reference scorer, for comparing servers to."""
+    from engine.ensemble import manifest
+    from engine.ensemble.model import EnsembleModel
+
+    return EnsembleModel.load(manifest.load(tiny_manifest))

@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,11 +20,6 @@ from engine.serve.client import ROOT, ServerProcess, get, post
 ANIMAL_PLANT = ["A small furry animal that climbs trees.", "A tall plant with yellow flowers",
                 "a flightless bird of the southern seas", "an aquatic fern"]
 LAW_POLITICS = ["The court ruled the contract void.", "Voters elected a new senate."]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_manifest):
-    return EnsembleModel.load(manifest.load(tiny_manifest))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +70,7 @@ def test_classify_equals_the_reference(server, reference, task, texts):
             assert np.abs(np.array(lp) - per_adapter[name][i].numpy()).max() < 1e-5
             assert result["adapters"][name]["weight"] == weights[name]
     # The base model, bare: not any adapter's numbers.
-    token_ids = labels.label_token_ids(reference.tokenizer, reference.manifest.answer, entry.labels)
-    prompts = [labels.prompt_ids(reference.tokenizer, reference.manifest, t, task) for t in texts]
-    with labels.active(reference.model, None):
-        base = labels.next_token_logprobs(reference.model, prompts, token_ids, reference.tokenizer.pad_token_id)
+    base = reference.label_logprobs(task, texts, adapters=[None])[None]
     got = np.array([[r["adapters"]["base"]["logprobs"][lab] for lab in entry.labels] for r in body["results"]])
     assert np.abs(got - base.numpy()).max() < 1e-5
     assert np.abs(got - per_adapter[names[0]].numpy()).max() > 1e-3

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.ensemble import labels, manifest
-from engine.ensemble.model import EnsembleModel
+from engine.ensemble import labels
 from engine.serve.client import ROOT, ServerProcess, get, post
 
 VLLM_PYTHON = os.environ.get("SIFT_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -40,11 +39,6 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_manifest):
-    return EnsembleModel.load(manifest.load(tiny_manifest))
-
-
-@pytest.fixture(scope="module")
 def vllm_server(tiny_manifest, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-vllm") / "server.log"
     with ServerProcess(tiny_manifest, "vllm", python=VLLM_PYTHON, log=log, ready_s=300,
@@ -54,14 +48,9 @@ def vllm_server(tiny_manifest, tmp_path_factory):
 
 def _reference_logprobs(reference, task, texts):
     """Per model (the task's adapters and None for the base), (B, L) reference log-probabilities."""
-    entry = reference.manifest.task(task)
-    out = {k: v.double().numpy() for k, v in reference.label_logprobs(task, texts).items()}
-    token_ids = labels.label_token_ids(reference.tokenizer, reference.manifest.answer, entry.labels)
-    prompts = [labels.prompt_ids(reference.tokenizer, reference.manifest, t, task) for t in texts]
-    with labels.active(reference.model, None):
-        out["base"] = labels.next_token_logprobs(reference.model, prompts, token_ids,
-                                                 reference.tokenizer.pad_token_id).double().numpy()
-    return out
+    out = reference.label_logprobs(task, texts)
+    out["base"] = reference.label_logprobs(task, texts, adapters=[None])[None]
+    return {name: lp.double().numpy() for name, lp in out.items()}
 
 
 def _served_logprobs(body, task_labels):

@@ -43,18 +43,25 @@ class EnsembleModel:
             model = model.cuda()
         return cls(manifest, load.load_tokenizer(path, trust_remote_code), model)
 
-    def label_logprobs(self, task: str, texts: list[str], adapters: list[str] | None = None,
-                       batch: int = 32) -> dict[str, torch.Tensor]:
-        """Per adapter (default: those the task weights), (B, L) next-token log-probabilities
-        of the task's label tokens after each text's prompt."""
+    def label_logprobs(self, task: str, texts: list[str], adapters: list[str | None] | None = None,
+                       batch: int = 32) -> dict[str | None, torch.Tensor]:
+        """Per adapter (default: those the task weights; None: the bare base), (B, L) next-token
+        log-probabilities of the task's label tokens after each text's prompt."""
         entry = self.manifest.task(task)
         names = adapters if adapters is not None else [n for n, w in entry.weights.items() if w > 0]
         for name in names:
-            self.manifest.adapter(name)
+            if name is not None:
+                self.manifest.adapter(name)
         token_ids = labels.label_token_ids(self.tokenizer, self.manifest.answer, entry.labels)
         prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t, task) for t in texts]
+        return self.logprobs(prompts, token_ids, names, batch)
+
+    def logprobs(self, prompts: list[list[int]], token_ids: list[int], models: list[str | None],
+                 batch: int = 32) -> dict[str | None, torch.Tensor]:
+        """Per model (an adapter name, or None for the bare base), (B, L) next-token
+        log-probabilities of `token_ids` after each prompt."""
         out = {}
-        for name in names:
+        for name in models:
             with labels.active(self.model, name):
                 out[name] = torch.cat([
                     labels.next_token_logprobs(self.model, prompts[i:i + batch], token_ids,

@@ -130,20 +130,10 @@ class PeftBackend(Backend):
     async def generate(self, prompts, models, params):
         return await asyncio.to_thread(self._generate, prompts, models, params)
 
-    def _label_logprobs(self, prompts, token_ids, models, batch: int = 32):
-        import torch
-
-        from engine.ensemble import labels
-
-        out = {}
+    def _label_logprobs(self, prompts, token_ids, models):
         with self._lock:
-            for name in models:
-                with labels.active(self.ensemble.model, name):
-                    out[name] = torch.cat([
-                        labels.next_token_logprobs(self.ensemble.model, prompts[i:i + batch], token_ids,
-                                                   self.tokenizer.pad_token_id)
-                        for i in range(0, len(prompts), batch)]).double().numpy()
-        return out
+            out = self.ensemble.logprobs(prompts, token_ids, models)
+        return {name: lp.double().numpy() for name, lp in out.items()}
 
     def _generate(self, prompts, models, params: GenParams):
         import torch

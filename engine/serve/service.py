@@ -189,14 +189,17 @@ class Service:
         models = list(dict.fromkeys([*weights, *extra]))
         prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t, req.task) for t in texts]
         token_ids = [self.label_ids[req.task][lab] for lab in chosen]
+        import torch
+
         logprobs = await self.backend.label_logprobs(prompts, token_ids, models)
-        mixed = mixture(logprobs, weights)
+        as_tensors = {name: torch.from_numpy(lp) for name, lp in logprobs.items()}
+        probs = {name: labels.class_probs(lp).numpy() for name, lp in as_tensors.items()}
+        mixed = labels.mixture(as_tensors, weights).numpy()
         results = []
         for i in range(len(texts)):
             per_model = {}
             for name in models:
-                lp = logprobs[name][i]
-                p = softmax(lp)
+                lp, p = logprobs[name][i], probs[name][i]
                 per_model[BASE if name is None else name] = {
                     "weight": weights.get(name, 0.0),
                     "logprobs": dict(zip(chosen, lp.tolist())),
@@ -277,15 +280,3 @@ class Service:
         if cuts:
             return text[:min(cuts)], "stop"
         return text, reason
-
-
-def softmax(logprobs: np.ndarray) -> np.ndarray:
-    z = np.exp(logprobs - logprobs.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
-
-def mixture(per_model: dict, weights: dict[str, float]) -> np.ndarray:
-    """The reference mixture (engine.ensemble.labels.mixture) over numpy log-probabilities."""
-    import torch
-
-    return labels.mixture({n: torch.from_numpy(per_model[n]) for n in weights}, weights).numpy()
