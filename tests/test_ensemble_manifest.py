@@ -103,3 +103,26 @@ def test_an_adapter_that_fails_to_load_is_named(tiny_manifest, tmp_path):
     with pytest.raises(SiftError, match="adapter 'group-2' \\(.*group-2\\) does not load") as err:
         EnsembleModel.load(broken)
     assert "\n" not in str(err.value)
+
+
+def test_update_swaps_adapters_without_reloading_the_base(tiny_manifest, tmp_path):
+    full = manifest.load(tiny_manifest)
+    ensemble = EnsembleModel.load(full)
+    base = ensemble.model.get_base_model()
+
+    def drop_group_2(raw, folder):
+        raw["adapters"] = raw["adapters"][:2]
+        raw["tasks"]["wordnet-animal-plant"]["weights"] = {"group-0": 0.5, "group-1": 0.5}
+        raw["tasks"]["fortunes-law-politics"]["weights"] = {"group-1": 1.0}
+
+    smaller = manifest.load(_edited(tiny_manifest, tmp_path, drop_group_2))
+    ensemble.update(smaller)
+    assert set(ensemble.model.peft_config) == {"group-0", "group-1"}
+    assert ensemble.model.get_base_model() is base
+    texts = ["A small furry animal that climbs trees."]
+    fresh = EnsembleModel.load(smaller).label_logprobs("wordnet-animal-plant", texts)
+    updated = ensemble.label_logprobs("wordnet-animal-plant", texts)
+    for name in fresh:
+        assert torch.allclose(fresh[name], updated[name])
+    ensemble.update(full)
+    assert set(ensemble.model.peft_config) == {"group-0", "group-1", "group-2"}

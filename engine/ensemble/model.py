@@ -28,20 +28,31 @@ class EnsembleModel:
 
         path = builtin.resolve(manifest.base_model)
         base = load.load_causal_lm(path, quantize=manifest.quantize, trust_remote_code=trust_remote_code)
-        model = None
-        for entry in manifest.adapters:
-            try:
-                if model is None:
-                    model = PeftModel.from_pretrained(base, entry.path, adapter_name=entry.name)
-                else:
-                    model.load_adapter(entry.path, adapter_name=entry.name)
-            except Exception as exc:  # peft raises assorted types for a mismatched adapter
-                raise SiftError(f"adapter {entry.name!r} ({entry.path}) does not load: "
-                                f"{str(exc).splitlines()[0]}") from None
-        model.eval()
+        first = manifest.adapters[0]
+        model = _loading(first, lambda: PeftModel.from_pretrained(base, first.path, adapter_name=first.name))
         if torch.cuda.is_available() and manifest.quantize == "none":
             model = model.cuda()
-        return cls(manifest, load.load_tokenizer(path, trust_remote_code), model)
+        ensemble = cls(manifest.model_copy(update={"adapters": [first]}), load.load_tokenizer(path, trust_remote_code),
+                       model)
+        ensemble.update(manifest)
+        return ensemble
+
+    def update(self, manifest: LoadedManifest) -> None:
+        """Hold the adapters of `manifest` (a later version of this one, on the same base; adapters
+        are known by name): new ones are loaded, dropped ones deleted, the base is not loaded again."""
+        if (manifest.base_model, manifest.quantize) != (self.manifest.base_model, self.manifest.quantize):
+            raise SiftError(f"cannot switch an ensemble on {self.manifest.base_model} ({self.manifest.quantize}) to "
+                            f"one on {manifest.base_model} ({manifest.quantize}): load it instead")
+        held = {a.name for a in self.manifest.adapters}
+        wanted = {a.name for a in manifest.adapters}
+        for entry in manifest.adapters:
+            if entry.name not in held:
+                _loading(entry, lambda: self.model.load_adapter(entry.path, adapter_name=entry.name))
+        self.model.set_adapter(manifest.adapters[0].name)  # never delete the active adapter
+        for name in held - wanted:
+            self.model.delete_adapter(name)
+        self.model.eval()
+        self.manifest = manifest
 
     def label_logprobs(self, task: str, texts: list[str], adapters: list[str | None] | None = None,
                        batch: int = 32) -> dict[str | None, torch.Tensor]:
@@ -73,3 +84,11 @@ class EnsembleModel:
         """The ensemble's class probabilities (B, L) and each adapter's label log-probabilities."""
         per_adapter = self.label_logprobs(task, texts)
         return labels.mixture(per_adapter, self.manifest.task(task).weights), per_adapter
+
+
+def _loading(entry, action):
+    """Run a PEFT adapter load; a failure names the adapter in one line."""
+    try:
+        return action()
+    except Exception as exc:  # peft raises assorted types for a mismatched adapter
+        raise SiftError(f"adapter {entry.name!r} ({entry.path}) does not load: {str(exc).splitlines()[0]}") from None

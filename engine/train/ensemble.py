@@ -113,9 +113,9 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
     manifest = _fit_weights(manifest, scores)
     boosting = []
     if cfg.boost:
-        manifest, boosting = _boost(cfg, manifest, anchor_cfg, grads, frame, scores, out)
+        manifest, boosting = _boost(cfg, ensemble, manifest, anchor_cfg, grads, frame, scores, out)
     manifest = manifest_io.load(manifest_io.write(manifest, out))
-    ensemble = EnsembleModel.load(manifest)
+    ensemble.update(manifest)
     results = {"validation": evaluate.report(ensemble, scores)}
     test = frame.filter((pl.col("split") == "test") & pl.col("task").is_in(list(own)))
     if test.height:
@@ -187,16 +187,18 @@ def _validation_nll(manifest: manifest_io.Manifest, scores: dict[str, evaluate.T
     return float(np.mean(values))
 
 
-def _boost(cfg: EnsembleTrainConfig, manifest: manifest_io.Manifest, anchor_cfg: GradsConfig, grads: Path,
-           frame: pl.DataFrame, val_scores: dict[str, evaluate.TaskScores], out: Path) -> tuple[manifest_io.Manifest, list[dict]]:
+def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest_io.Manifest,
+           anchor_cfg: GradsConfig, grads: Path, frame: pl.DataFrame, val_scores: dict[str, evaluate.TaskScores],
+           out: Path) -> tuple[manifest_io.Manifest, list[dict]]:
     """Residual adapters added while the validation NLL improves: the final manifest (its
-    validation scores are filled into `val_scores`) and a record of every round tried."""
+    validation scores are filled into `val_scores`; `ensemble` holds its adapters and maybe the
+    last, rejected one) and a record of every round tried."""
     tasks = list(manifest.tasks)
     train = frame.filter((pl.col("split") == "train") & pl.col("task").is_in(tasks))
     validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(tasks))
     G, f = boost.gradients_of(grads, train["id"].to_list())
     anchor = Anchor(grads)
-    train_scores = evaluate.score_rows(EnsembleModel.load(manifest_io.load(manifest_io.write(manifest, out))), train)
+    train_scores = evaluate.score_rows(ensemble, train)
     current = _validation_nll(manifest, val_scores)
     rounds = []
     for k in range(1, cfg.boost + 1):
@@ -211,7 +213,7 @@ def _boost(cfg: EnsembleTrainConfig, manifest: manifest_io.Manifest, anchor_cfg:
         mixed = {t: e.model_copy(update={"weights": {**{n: v * (1 - cfg.boost_weight) for n, v in e.weights.items()},
                                                      name: cfg.boost_weight}}) for t, e in manifest.tasks.items()}
         candidate = manifest.model_copy(update={"adapters": [*manifest.adapters, entry], "tasks": mixed})
-        ensemble = EnsembleModel.load(manifest_io.load(manifest_io.write(candidate, out)))
+        ensemble.update(manifest_io.load(manifest_io.write(candidate, out)))
         for task, s in evaluate.score_rows(ensemble, validation, adapters=[name]).items():
             val_scores[task].probs[name] = s.probs[name]
         nll = _validation_nll(candidate, val_scores)
