@@ -211,32 +211,27 @@ def _train(cfg: PipelineConfig, out: Path) -> str:
 
 def _serve(cfg: PipelineConfig, out: Path) -> str:
     """Start the server, classify some test rows over HTTP, stop it."""
-    import socket
-    import urllib.request
-
     from ray import serve as ray_serve
 
     from engine.ensemble import manifest as manifest_io
     from engine.ensemble.evaluate import read_split
     from engine.serve.app import serve
+    from engine.serve.client import free_port, post
 
     loaded = manifest_io.load(out / "train")
     rows, split = read_split(out / "suite", list(loaded.tasks), None)
     rows = rows.sample(min(cfg.serve_queries, rows.height), seed=cfg.seed)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = serve(ServeConfig(manifest=out / "train", backend=cfg.serve_backend, port=port, runtime=cfg.runtime),
-                block=False)
+    url = serve(ServeConfig(manifest=out / "train", backend=cfg.serve_backend, port=free_port(),
+                            runtime=cfg.runtime), block=False)
     answers, latencies = [], []
     try:
         for row in rows.iter_rows(named=True):
-            body = json.dumps({"task": row["task"], "text": row["text"]}).encode()
-            request = urllib.request.Request(f"{url}/v1/classify", body, {"Content-Type": "application/json"})
             t = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=120) as response:
-                answers.append(json.loads(response.read()))
+            status, body = post(url, "/v1/classify", {"task": row["task"], "text": row["text"]})
             latencies.append(time.perf_counter() - t)
+            if status != 200:
+                raise SiftError(f"the served ensemble answered {status}: {body.get('error', body)}")
+            answers.append(body)
     finally:
         ray_serve.shutdown()
     (out / "serve").mkdir(parents=True, exist_ok=True)
