@@ -223,7 +223,7 @@ def _grads(args: argparse.Namespace) -> None:
 
 def _select_pool(args: argparse.Namespace) -> None:
     from engine.config import SelectPoolConfig, load_config
-    from engine.select.pool import select_pool, show
+    from engine.select.pool.select import select_pool, show
 
     cfg = load_config(SelectPoolConfig, args.config, _overrides(args))
     show(select_pool(cfg), cfg.out)
@@ -246,7 +246,7 @@ def _suite(args: argparse.Namespace) -> None:
 
 def _select_tasks(args: argparse.Namespace) -> None:
     from engine.config import SelectTasksConfig, load_config
-    from engine.select.tasks import select_tasks, show
+    from engine.select.tasks.select import select_tasks, show
 
     cfg = load_config(SelectTasksConfig, args.config, _overrides(args))
     report = select_tasks(cfg)
@@ -255,7 +255,7 @@ def _select_tasks(args: argparse.Namespace) -> None:
 
 def _calibrate(args: argparse.Namespace) -> None:
     from engine.config import CalibrateConfig, load_config
-    from engine.select.calibrate import calibrate, show
+    from engine.select.tasks.calibrate import calibrate, show
 
     show(calibrate(load_config(CalibrateConfig, args.config, _overrides(args, skip=("run", "config", "set", "calibrate")))))
 
@@ -274,7 +274,7 @@ def _train_lora(args: argparse.Namespace) -> None:
 
 def _group(args: argparse.Namespace) -> None:
     from engine.config import GroupConfig, load_config
-    from engine.select.partition import group_tasks, show
+    from engine.ensemble.group import group_tasks, show
 
     show(group_tasks(load_config(GroupConfig, args.config, _overrides(args))))
 

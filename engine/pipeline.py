@@ -138,7 +138,7 @@ def _embed(cfg: PipelineConfig, out: Path) -> str:
 
 
 def _select_pool(cfg: PipelineConfig, out: Path) -> str:
-    from engine.select.pool import select_pool
+    from engine.select.pool.select import select_pool
 
     target = cfg.pool.target or str(out / "ingest" / "target.parquet")
     report = select_pool(SelectPoolConfig(pool=str(out / "embed"), target=target, budget=cfg.pool.budget,
@@ -182,7 +182,7 @@ def _grads(cfg: PipelineConfig, out: Path) -> str:
 
 
 def _select_tasks(cfg: PipelineConfig, out: Path) -> str:
-    from engine.select.tasks import select_tasks
+    from engine.select.tasks.select import select_tasks
 
     report = select_tasks(SelectTasksConfig(data=out / "suite", grads=out / "grads", target=cfg.tasks.target,
                                             out=out / "select-tasks", subsets=cfg.tasks.subsets, seed=cfg.seed,
@@ -191,7 +191,7 @@ def _select_tasks(cfg: PipelineConfig, out: Path) -> str:
 
 
 def _group(cfg: PipelineConfig, out: Path) -> str:
-    from engine.select.partition import group_tasks
+    from engine.ensemble.group import group_tasks
 
     report = group_tasks(GroupConfig(data=out / "suite", grads=out / "grads", out=out / "group",
                                      groups=cfg.tasks.groups, seed=cfg.seed, runtime=cfg.runtime))

@@ -64,7 +64,10 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
             except ConnectionError as exc:
                 raise SiftError(f"cannot reach the Ray cluster at {address}: {exc}") from None
         else:
+            # address="local": always a new Ray of our own. Without it ray.init() joins the last
+            # cluster started on this machine (/tmp/ray/ray_current_cluster), live or dead.
             ray.init(
+                address="local",
                 num_cpus=cfg.num_cpus,
                 num_gpus=cfg.num_gpus,
                 include_dashboard=False,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.errors import SiftError
-from engine.select import estimator, subsets
-from engine.select.subsets import TaskGradients
+from engine.select.tasks import estimator, subsets
+from engine.select.tasks.subsets import TaskGradients
 
 
 def _problem(seed=0, n_tasks=5, per=80, d=24):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.ensemble import metrics, weights
-from engine.select import groups
-from engine.select.subsets import TaskGradients
+from engine.ensemble import grouping
+from engine.select.tasks.subsets import TaskGradients
 
 
 def _planted(seed: int = 0, per: int = 60, d: int = 16) -> TaskGradients:
@@ -34,21 +34,21 @@ def _same_partition(a, b) -> bool:
 
 
 def test_affinity_recovers_planted_families():
-    aff = groups.affinity(_planted(), subsets=80, ratio=0.5, lam=1e-3, seed=0)
+    aff = grouping.affinity(_planted(), subsets=80, ratio=0.5, lam=1e-3, seed=0)
     T = aff.T
     assert np.allclose(T, T.T) and np.all(np.diag(T) == 0)
     within = T[np.ix_([0, 1, 2], [0, 1, 2])][~np.eye(3, dtype=bool)].mean()
     across = T[np.ix_([0, 1, 2], [3, 4, 5])].mean()
     assert within > across + 0.5
     planted = [0, 0, 0, 1, 1, 1]
-    assert _same_partition(groups.sdp(T, 2, 0), planted)
-    assert _same_partition(groups.spectral(T, 2, 0), planted)
-    m, densities = groups.choose_m(T, max_groups=4, seed=0)
+    assert _same_partition(grouping.sdp(T, 2, 0), planted)
+    assert _same_partition(grouping.spectral(T, 2, 0), planted)
+    m, densities = grouping.choose_m(T, max_groups=4, seed=0)
     assert m == 2 and set(densities) == {1, 2, 3, 4}
 
 
 def test_local_search_improves_a_bad_partition_and_caches_fits():
-    scorer = groups.GroupScorer(_planted(), lam=1e-3)
+    scorer = grouping.GroupScorer(_planted(), lam=1e-3)
     mixed = np.array([0, 1, 0, 1, 0, 1])
     labels, trace = scorer.local_search(mixed, rounds=10)
     assert trace[-1] < trace[0] and all(b <= a for a, b in zip(trace, trace[1:]))
@@ -60,7 +60,7 @@ def test_local_search_improves_a_bad_partition_and_caches_fits():
 
 def test_density():
     T = np.array([[0, 2, -1], [2, 0, -1], [-1, -1, 0.0]])
-    assert groups.density(T, np.array([0, 0, 1])) == pytest.approx(((2 + 2) / 2 + 0) / 2)
+    assert grouping.density(T, np.array([0, 0, 1])) == pytest.approx(((2 + 2) / 2 + 0) / 2)
 
 
 def test_em_weights_minimise_the_mixture_nll():
@@ -93,6 +93,6 @@ def test_affinity_of_few_tasks_still_pairs_them():
     data = _planted()
     three = TaskGradients(data.tasks[:3], data.G[data.task < 3], data.f[data.task < 3], data.task[data.task < 3],
                           data.train[data.task < 3])
-    aff = groups.affinity(three, subsets=20, ratio=0.3, lam=1e-3, seed=0)
+    aff = grouping.affinity(three, subsets=20, ratio=0.3, lam=1e-3, seed=0)
     assert aff.subsets.sum(1).min() >= 2
     assert np.abs(aff.T).sum() > 0

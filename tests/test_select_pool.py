@@ -10,8 +10,8 @@ import pytest
 
 from engine.config import SelectPoolConfig
 from engine.errors import SiftError
-from engine.select import ot
-from engine.select.pool import select_pool
+from engine.select.pool import ot
+from engine.select.pool.select import select_pool
 
 
 def _write(path, vectors: np.ndarray, prefix: str, task: str | None = None):
@@ -180,7 +180,7 @@ def test_domain_test_keeps_the_closest_sources(tmp_path, ray_session):
               for name, c in centers.items()]
     pl.concat(frames).write_parquet(tmp_path / "pool.parquet")
     # precomputed parquet keeps only id + embedding; give the store its sources through a text-free store
-    from engine.select.inputs import _store_from_parquet
+    from engine.select.pool.inputs import _store_from_parquet
     store = _store_from_parquet(tmp_path / "pool.parquet", tmp_path / "store")
     tasks = pl.concat(frames)["task"]
     for k in range(store.spec.num_shards):

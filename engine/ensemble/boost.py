@@ -1,4 +1,4 @@
-"""Boosting rounds of the ensemble, in closed form (ALGORITHMS.md section 3, step 6).
+"""Boosting rounds of the ensemble, in closed form (docs/ALGORITHMS.md section 3, step 6).
 
 The residual of a training row is r = 1 - p_ensemble(gold). A ridge regression on the rows'
 projected gradients, G w ~ r - f*, asks for the adapter theta_init + P w whose first-order
@@ -15,7 +15,7 @@ import torch
 
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
-from engine.select.anchor import Anchor
+from engine.models.anchor import Anchor
 
 
 def gradients_of(grads: str | Path, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Per-example gradients of the answer score f w.r.t. LoRA parameters: three ways, one answer.
 
-`f` is the method's output function (ALGORITHMS.md section 2): the mean over answer tokens of
+`f` is the method's output function (docs/ALGORITHMS.md section 2): the mean over answer tokens of
 the clipped logit-odds of the gold token, computed at the answer positions only (the LM head
 never sees the prompt positions).
 

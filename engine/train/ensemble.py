@@ -1,4 +1,4 @@
-"""`sift train`: the adapter ensemble of a grouping (ALGORITHMS.md section 3, steps 5-7).
+"""`sift train`: the adapter ensemble of a grouping (docs/ALGORITHMS.md section 3, steps 5-7).
 
 One LoRA (QLoRA with --qlora: the same code on a 4-bit base) per group, each a `train-lora` run
 with Ray Train, as many groups at once as the cluster's CPUs allow for their workers. Every
@@ -28,7 +28,7 @@ from engine.data.ingest import examples_path
 from engine.ensemble import boost, evaluate, flops, manifest as manifest_io, weights as mixture_weights
 from engine.ensemble.model import EnsembleModel
 from engine.errors import SiftError
-from engine.select.anchor import Anchor
+from engine.models.anchor import Anchor
 from engine.train.lora import train_lora
 
 

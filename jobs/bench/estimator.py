@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from engine.select import estimator, subsets
+from engine.select.tasks import estimator, subsets
 
 
 def synthetic(tasks: int, per_task: int, dim: int, seed: int) -> subsets.TaskGradients:

@@ -24,7 +24,7 @@ import psutil
 from engine import runtime
 from engine.config import SelectPoolConfig
 from engine.features.store import FeatureStore, StoreSpec
-from engine.select.pool import select_pool
+from engine.select.pool.select import select_pool
 
 DIM = 384
 COMPONENTS = 32

@@ -21,7 +21,7 @@ from engine import runtime
 from engine.config import SelectPoolConfig
 from engine.data import corpora
 from engine.report import table
-from engine.select.pool import select_pool
+from engine.select.pool.select import select_pool
 
 METHODS = ("gotd", "knn", "dsir", "random")
 

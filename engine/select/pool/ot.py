@@ -1,5 +1,5 @@
 """GOT-D: entropic OT between the candidate pool and the target; candidates ranked by the
-calibrated gradient of the OT distance w.r.t. their mass (ALGORITHMS.md section 1).
+calibrated gradient of the OT distance w.r.t. their mass (docs/ALGORITHMS.md section 1).
 
 At millions of candidates the full problem does not fit, so the OT is solved on a uniform
 sample (or a faiss k-means coreset, weighted by cluster sizes) of the pool, and every candidate

@@ -2,7 +2,7 @@
 flags as `sift serve` (vLLM multi-LoRA replicas get one GPU each when the cluster has GPUs).
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/serve_ensemble.py /shared/ensemble --backend vllm --host 0.0.0.0 --port 8000 \
+        python jobs/serve.py /shared/ensemble --backend vllm --host 0.0.0.0 --port 8000 \
         --set replicas=2 --detach
 
 The manifest and its adapters must be on storage every node can read. Without --detach the job

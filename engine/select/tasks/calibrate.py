@@ -24,9 +24,9 @@ from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features import objective
 from engine.features.store import FeatureStore
-from engine.select import subsets
-from engine.select.anchor import Anchor
-from engine.select.estimator import fit_subsets
+from engine.select.tasks import subsets
+from engine.models.anchor import Anchor
+from engine.select.tasks.estimator import fit_subsets
 
 
 def approximation_error(cfg: CalibrateConfig, examples: pl.DataFrame, store_rows: pl.DataFrame,

@@ -1,6 +1,6 @@
 """`sift group`: the tasks of a gradient store split into m groups, one adapter each later.
 
-The affinity and the first partitions come from engine/select/groups.py; Ray Tune then runs one
+The affinity and the first partitions come from engine/ensemble/grouping.py; Ray Tune then runs one
 local search per starting partition (SDP, spectral, and `restarts` random ones) in parallel, and
 the best refined partition by the estimator's objective wins. Every candidate is reported with
 its estimated per-task loss and accuracy. Outputs: groups.json, affinity.parquet, affinity.png
@@ -20,8 +20,9 @@ from engine import runtime
 from engine.config import GroupConfig
 from engine.errors import SiftError
 from engine.report import table
-from engine.select import groups, subsets
-from engine.select.tune import experiment_name, restorable_tuner
+from engine.ensemble import grouping
+from engine.select.tasks import subsets
+from engine.select.tasks.tune import experiment_name, restorable_tuner
 
 EXPERIMENT = "group-search"
 
@@ -31,7 +32,7 @@ def _refine(config: dict, data: subsets.TaskGradients, starts: dict[str, list[in
     from ray import tune
 
     torch.set_num_threads(1)
-    scorer = groups.GroupScorer(data, lam)
+    scorer = grouping.GroupScorer(data, lam)
     labels, trace = scorer.local_search(np.array(starts[config["start"]]), rounds)
     loss, accuracy = scorer.per_task(labels)
     tune.report({"objective": trace[-1], "start_objective": trace[0], "steps": len(trace) - 1, "fits": scorer.fits,
@@ -51,11 +52,11 @@ def group_tasks(cfg: GroupConfig) -> dict:
         raise SiftError(f"the gradient store holds {n} task(s); grouping needs at least 2")
     if cfg.groups is not None and cfg.groups > n:
         raise SiftError(f"--groups {cfg.groups} is more than the {n} tasks in the store")
-    aff = groups.affinity(data, cfg.subsets, cfg.ratio, cfg.lam, cfg.seed)
-    m, densities = (cfg.groups, {}) if cfg.groups else groups.choose_m(aff.T, cfg.max_groups, cfg.seed)
+    aff = grouping.affinity(data, cfg.subsets, cfg.ratio, cfg.lam, cfg.seed)
+    m, densities = (cfg.groups, {}) if cfg.groups else grouping.choose_m(aff.T, cfg.max_groups, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    starts = {"sdp": groups.sdp(aff.T, m, cfg.seed).tolist() if cfg.method == "sdp" else None,
-              "spectral": groups.spectral(aff.T, m, cfg.seed).tolist()}
+    starts = {"sdp": grouping.sdp(aff.T, m, cfg.seed).tolist() if cfg.method == "sdp" else None,
+              "spectral": grouping.spectral(aff.T, m, cfg.seed).tolist()}
     for k in range(cfg.restarts):
         starts[f"random-{k}"] = (rng.permutation(n) % m).tolist()
     starts = {name: labels for name, labels in starts.items() if labels is not None}
@@ -103,7 +104,7 @@ def _search(cfg: GroupConfig, data: subsets.TaskGradients, starts: dict[str, lis
     return sorted(candidates, key=lambda c: c["start"])
 
 
-def _plot(aff: groups.Affinity, labels: list[int], path: Path) -> None:
+def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

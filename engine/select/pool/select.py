@@ -19,9 +19,9 @@ from engine import runtime
 from engine.config import SelectPoolConfig
 from engine.errors import SiftError
 from engine.report import console, table
-from engine.select import baselines
-from engine.select.gotd import gotd_scores
-from engine.select.inputs import Candidates, resolve
+from engine.select.pool import baselines
+from engine.select.pool.gotd import gotd_scores
+from engine.select.pool.inputs import Candidates, resolve
 
 NEEDS = {"gotd": "embeddings", "knn": "embeddings", "grad-cosine": "grads", "dsir": "texts", "random": "any"}
 

@@ -20,7 +20,7 @@ import polars as pl
 from engine.config import SelectTasksConfig
 from engine.errors import SiftError
 from engine.report import table
-from engine.select import subsets
+from engine.select.tasks import subsets
 
 
 def select_tasks(cfg: SelectTasksConfig) -> dict:
@@ -40,7 +40,7 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     if not candidates:
         raise SiftError("no candidate tasks besides the target")
     if cfg.search == "tune":
-        from engine.select.tune import tune_subsets
+        from engine.select.tasks.tune import tune_subsets
 
         est = tune_subsets(data, cfg.target, candidates, cfg.subsets, cfg.lam, out / "tune", cfg.seed, cfg.runtime)
     else:
@@ -83,8 +83,8 @@ def _forward(cfg: SelectTasksConfig, data: subsets.TaskGradients, candidates: li
     import torch
 
     from engine.data.ingest import examples_path
-    from engine.select.anchor import Anchor
-    from engine.select.estimator import fit_subsets
+    from engine.models.anchor import Anchor
+    from engine.select.tasks.estimator import fit_subsets
 
     anchor = Anchor(cfg.grads)
     examples = pl.read_parquet(examples_path(cfg.data))

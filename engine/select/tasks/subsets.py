@@ -17,7 +17,7 @@ import torch
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
-from engine.select.estimator import fit_subsets, linearised_scores
+from engine.select.tasks.estimator import fit_subsets, linearised_scores
 
 MIN_TRAIN_ROWS = 8
 

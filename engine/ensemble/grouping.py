@@ -1,4 +1,4 @@
-"""Grouping n tasks into m for the adapter ensemble (ALGORITHMS.md section 3), by the estimator.
+"""Grouping n tasks into m for the adapter ensemble (docs/ALGORITHMS.md section 3), by the estimator.
 
 1. Affinity: random subsets of ~0.3 n tasks are all fitted at once; T[i, j] is the mean
    standardised performance (negated estimated validation loss, z-scored per task across the
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from engine.errors import SiftError
-from engine.select.estimator import fit_subsets
-from engine.select.subsets import TaskGradients, random_subsets
+from engine.select.tasks.estimator import fit_subsets
+from engine.select.tasks.subsets import TaskGradients, random_subsets
 
 
 def task_losses(data: TaskGradients, groups: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 cluster has CPUs (or GPUs) for their workers; adapters and ensemble.json go to shared --out.
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/train_ensemble.py --groups /mnt/shared/groups --out /mnt/shared/ensemble \
+        python jobs/train.py --groups /mnt/shared/groups --out /mnt/shared/ensemble \
         [--qlora] [--boost 3] --set workers=2
 """
 

@@ -1,4 +1,4 @@
-"""The first-order estimator (ALGORITHMS.md section 2): how would a LoRA fine-tuned on a subset
+"""The first-order estimator (docs/ALGORITHMS.md section 2): how would a LoRA fine-tuned on a subset
 of the training data do, without training it?
 
 Around the anchor theta*, an example's output is f_i(theta* + P w) ~ f*_i + g_i . w with g_i its

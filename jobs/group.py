@@ -2,7 +2,7 @@
 partition run as Ray Tune trials on the cluster; --out must be on storage every node shares.
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/group_tasks.py --data /mnt/shared/suite --grads /mnt/shared/grads \
+        python jobs/group.py --data /mnt/shared/suite --grads /mnt/shared/grads \
         --out /mnt/shared/groups [--groups 3]
 """
 

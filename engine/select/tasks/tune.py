@@ -14,7 +14,7 @@ import numpy as np
 
 from engine import runtime
 from engine.config import RuntimeConfig
-from engine.select import subsets
+from engine.select.tasks import subsets
 
 EXPERIMENT = "select-tasks"
 

@@ -9,7 +9,7 @@ import numpy as np
 from engine.config import SelectPoolConfig
 from engine.features.store import FeatureStore
 from engine.index import kmeans
-from engine.select import ot
+from engine.select.pool import ot
 
 
 def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) -> tuple[np.ndarray, dict]:
