@@ -36,13 +36,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BeforeValidator
 
 from engine.errors import SiftError
 from engine.paths import cache_dir
@@ -495,8 +494,16 @@ def _version_tag(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
     return str(info.mtime_ns)
 
 
-# --- config fields ----------------------------------------------------------------------------
+# --- Ray workers ------------------------------------------------------------------------------
 
-# A config field holding a location: `data: Uri | None = None`. Paths given by code (pathlib) and
-# strings from YAML or the command line both end up as validated strings.
-Uri = Annotated[str, BeforeValidator(validate_uri)]
+# What a worker on another node needs to reach the same object store as the driver. Keys are
+# forwarded only when the driver has them in its environment (e.g. a MinIO or moto endpoint);
+# on a cloud cluster the driver has none and each node uses its own instance profile.
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "STORAGE_EMULATOR_HOST")
+
+
+def worker_env() -> dict[str, str]:
+    """The storage settings of this process's environment, for Ray's `runtime_env={"env_vars": ...}`."""
+    return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+

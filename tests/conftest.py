@@ -19,10 +19,78 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(request):
+    # Ray's workers inherit the driver's environment when Ray starts: when this session also runs
+    # tests on S3, start the endpoint first so that its AWS_* variables reach every worker.
+    if any("s3" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("s3")
     info = runtime.start(RuntimeConfig(num_cpus=2))
     yield info
     runtime.stop()
+
+
+S3_BUCKET = "sift-test"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> str:
+    """A real S3 endpoint for the session: moto's standalone server on 127.0.0.1 with one bucket,
+    `s3://sift-test`. AWS_ENDPOINT_URL, keys and region are set in os.environ, so sift's storage
+    layer (and Ray workers started afterwards) reach it as they would any S3-compatible store.
+    Tests write under their own prefix (see `s3_dir`)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as out:  # its own process group: teardown kills exactly it
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.fixture
+def s3_dir(s3, request) -> str:
+    """A fresh prefix of the session's S3 bucket for one test."""
+    import re
+    import uuid
+
+    return f"{s3}/{re.sub(r'[^A-Za-z0-9_.-]', '-', request.node.name)[:60]}-{uuid.uuid4().hex[:8]}"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
