@@ -45,6 +45,7 @@ class IngestConfig(StrictModel):
     columns: SchemaConfig = Field(default_factory=SchemaConfig)
     encoding: str = Field("utf-8", description="text encoding of jsonl/csv inputs")
     max_chars: PositiveInt = Field(20_000, description="longer texts are quarantined")
+    max_line_bytes: PositiveInt = Field(4 << 20, description="longer jsonl/csv lines are quarantined, never read whole")
     labels: list[str] | None = Field(None, description="allowed labels; others are quarantined")
     force: bool = Field(False, description="redo even if OUT already holds this ingest")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

@@ -119,10 +119,25 @@ def _all_quarantined(d):
     return p, f"no valid rows: all 2 rows were quarantined (see {d / 'out' / 'quarantine.parquet'})"
 
 
+def _dangling_symlink_in_folder(d):
+    folder = d / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", GOOD)
+    (folder / "part-1.jsonl").symlink_to(d / "moved-away.jsonl")
+    return folder, f"{folder}: 1 unreadable entry: part-1.jsonl (dangling symlink); fix or remove them"
+
+
+def _own_output_as_input(d):
+    (d / "out").mkdir()
+    p = d / "out" / "examples.parquet"
+    pq.write_table(pa.table({"text": ["x"]}), p)
+    return p, f"{p} is an output of this ingest; choose another --out"
+
+
 CASES = [_truncated, _invalid_mid_file, _json_array, _not_an_object, _empty, _blank_lines_only,
          _jsonl_missing_text, _csv_missing_text, _parquet_wrong_type, _parquet_missing_text,
          _corrupt_parquet, _utf16, _latin1_as_utf8, _mixed_folder, _unsupported, _missing_path,
-         _glob_no_match, _all_quarantined]
+         _glob_no_match, _all_quarantined, _dangling_symlink_in_folder, _own_output_as_input]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
@@ -133,3 +148,12 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys, ray_session):
     assert code == 2
     assert err.count("\n") == 1, err  # one line, no traceback
     assert err.startswith(f"sift: error: {message}"), err
+
+
+def test_rerun_of_an_ingest_that_kept_nothing_fails_again(tmp_path, capsys, ray_session):
+    path, message = _all_quarantined(tmp_path)
+    errors = []
+    for _ in range(2):  # the second run finds the first one's summary.json: it must not pass with zero rows
+        assert main(["ingest", str(path), "--out", str(tmp_path / "out")]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] == f"sift: error: {message}\n"

@@ -3,7 +3,9 @@
 Ray Data reads the files in parallel (one task per file, streaming batches) into a staging
 folder; polars then validates the staged rows as a whole (duplicate ids need every row), writes
 both outputs in input order, and checks the accounting `rows_in == rows_out + rows_quarantined`.
-A rerun with the same inputs and settings finds `summary.json` and does nothing.
+A rerun with the same inputs and settings finds `summary.json` and does nothing (and fails as
+the first run did when no row was kept). An --out inside an input folder is fine: a folder or
+glob input never picks up this ingest's own outputs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.errors import SiftError
 EXAMPLES = "examples.parquet"
 QUARANTINE = "quarantine.parquet"
 SUMMARY = "summary.json"
+STAGING = "_staging"
 URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
@@ -49,25 +52,32 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
         raise SiftError("ingest needs an output folder (--out DIR)")
     if URI_LIKE.match(str(cfg.out)):  # a Path turns s3://b/x into s3:/b/x: a local folder named 's3:'
         raise SiftError(f"--out {cfg.out}: ingest writes to a local or mounted folder; URIs are for inputs only")
-    sources = readers.resolve(cfg.inputs)
+    out = Path(cfg.out)
+    sources = readers.resolve(cfg.inputs, exclude=tuple(str(out / name) for name in (EXAMPLES, QUARANTINE, SUMMARY,
+                                                                                      STAGING)))
     for source in sources:
         readers.preflight(source, cfg)
-    out = Path(cfg.out)
     fingerprint = _fingerprint(sources, cfg)
     previous = _load_summary(out)
     if previous and previous.fingerprint == fingerprint and not cfg.force:
         previous.reused = True
-        return previous
+        return _some_rows_kept(previous)
 
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / "_staging"
+    staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     runtime.start(cfg.runtime)
     _read_to_staging(sources, cfg, staging)
     summary = _validate_and_write(staging, out, sources, cfg, fingerprint)
     shutil.rmtree(staging, ignore_errors=True)
+    return _some_rows_kept(summary)
+
+
+def _some_rows_kept(summary: IngestSummary) -> IngestSummary:
+    """An ingest that kept nothing is an error, on the first run and on every rerun that reuses it."""
     if summary.rows_out == 0:
-        raise SiftError(f"no valid rows: all {summary.rows_in} rows were quarantined (see {out / QUARANTINE})")
+        raise SiftError(f"no valid rows: all {summary.rows_in} rows were quarantined "
+                        f"(see {Path(summary.out) / QUARANTINE})")
     return summary
 
 

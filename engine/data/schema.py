@@ -2,11 +2,22 @@
 
 `id` and `text` are required; `task`, `label` and `split` may be null; any other input column is
 carried through as a JSON object in `meta`, so nothing a user had is lost.
+
+Values read the same whatever file type they came from (JSON has types, CSV has only text):
+- `scalar_text` (id, task, split): a bool is `true`/`false`, an integral float its integer
+  (`1.0` -> `1`), another float its shortest repr (`0.5`), a NaN or a blank string missing;
+  a list, an object or bytes is no scalar (TypeError: the reader quarantines the row);
+- `normalize_label` also reads a label written as text by what it means, so `1`, `1.0`, `"1"`,
+  `"1.0"` are all `1`, `true`, `"True"` are `true`, `" pos "` is `pos`. Ids keep their text
+  (`"007"` stays `007`): two different ids must never become one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
+from typing import Any
 
 import pyarrow as pa
 
@@ -29,3 +40,37 @@ def content_id(text: str, task: str | None) -> str:
     """A stable id from the content: the same text of the same task gets the same id anywhere."""
     digest = hashlib.blake2b(f"{task or ''}\x1f{text}".encode("utf-8", "surrogatepass"), digest_size=10)
     return digest.hexdigest()
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def scalar_text(value: Any) -> str | None:
+    """A scalar field value as the text sift stores (see the module docstring); TypeError for a
+    list, an object or bytes."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (list, tuple, dict, set, bytes, bytearray)):
+        raise TypeError(type(value).__name__)
+    text = str(value)
+    return text if text.strip() else None
+
+
+def normalize_label(value: Any) -> str | None:
+    """A label as text by what it means: numbers by value, booleans lower-case, no outer spaces."""
+    text = scalar_text(value)
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    if _INTEGER.fullmatch(text):
+        return str(int(text))
+    if _DECIMAL.fullmatch(text):
+        return scalar_text(float(text))
+    return text

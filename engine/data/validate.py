@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from engine.data.schema import normalize_label
+
 
 def with_reasons(raw: pl.LazyFrame, max_chars: int, labels: list[str] | None) -> pl.LazyFrame:
     """`raw` with `reason` filled for every rejected row; reasons found at read time come first."""
@@ -19,6 +21,7 @@ def with_reasons(raw: pl.LazyFrame, max_chars: int, labels: list[str] | None) ->
         ),
     ]
     if labels is not None:
+        labels = [normalize_label(label) for label in labels]  # as the readers wrote the rows' labels
         checks.append(
             pl.when(pl.col("label").is_not_null() & ~pl.col("label").is_in(labels)).then(
                 pl.format("unknown label '{}'", pl.col("label"))
