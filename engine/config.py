@@ -9,12 +9,19 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, ValidationError
 
+from engine import storage
 from engine.errors import SiftError
+
+
+# A place sift reads or writes: a local path, file://, s3:// or gs:// (a string, never a Path,
+# which would turn s3://b/x into s3:/b/x). Paths given by Python callers are accepted as strings.
+# storage.validate_uri turns a mangled `s3:/b/x` into a one-line error.
+Uri = Annotated[str, BeforeValidator(storage.validate_uri)]
 
 
 class StrictModel(BaseModel):
@@ -41,7 +48,9 @@ class SchemaConfig(StrictModel):
 
 class IngestConfig(StrictModel):
     inputs: list[str] = Field(default_factory=list, description="files, folders or globs")
-    out: Path | None = None
+    corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
+        default_factory=list, description="built-in corpora ingested besides the inputs")
+    out: Uri | None = None
     columns: SchemaConfig = Field(default_factory=SchemaConfig)
     encoding: str = Field("utf-8", description="text encoding of jsonl/csv inputs")
     max_chars: PositiveInt = Field(20_000, description="longer texts are quarantined")
@@ -65,8 +74,8 @@ class LoraSpec(StrictModel):
 class FeaturizeConfig(StrictModel):
     """What embedding and gradient featurization share: sharding, batching, the store."""
 
-    data: Path | None = Field(None, description="an ingest folder (examples.parquet) or a parquet file")
-    out: Path | None = None
+    data: Uri | None = Field(None, description="an ingest folder (examples.parquet) or a parquet file")
+    out: Uri | None = None
     model: str | None = None
     shard_rows: PositiveInt = Field(1024, description="rows per store shard: the unit of resumption")
     batch_size: PositiveInt = 32
@@ -85,7 +94,7 @@ class EmbedConfig(FeaturizeConfig):
 
 
 class GradsConfig(FeaturizeConfig):
-    adapter: Path | None = Field(None, description="a PEFT adapter folder as the anchor; default: a fresh seeded LoRA")
+    adapter: Uri | None = Field(None, description="a PEFT adapter folder as the anchor; default: a fresh seeded LoRA")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantize: Literal["none", "nf4"] = "none"
     dim: PositiveInt = Field(400, description="projection dimension d")
@@ -105,13 +114,15 @@ class SelectPoolConfig(StrictModel):
                                                "or parquet with id + embedding columns")
     target: str | None = Field(None, description="same kinds of input as pool")
     budget: float | None = Field(None, gt=0, description="rows to select; a value below 1 is a fraction of the pool")
-    out: Path | None = None
+    out: Uri | None = None
     method: Literal["gotd", "knn", "dsir", "grad-cosine", "random"] = "gotd"
     variant: Literal["clean", "contrast"] = Field("clean", description="contrast: select away from the target")
     encoder: str = Field("minilm", description="sentence encoder for text inputs")
     eps: float = Field(0.1, gt=0, description="entropic regularisation (absolute)")
-    threshold: float = Field(0.1, gt=0, description="Sinkhorn stop threshold on the marginal error")
-    max_iter: PositiveInt = 2000
+    threshold: float = Field(1e-3, gt=0, description="Sinkhorn stops when the L1 violation of both marginals "
+                                                     "of the plan is at most this")
+    max_iter: PositiveInt = Field(2000, description="Sinkhorn iterations at most; select-pool warns if the "
+                                                    "threshold is not reached by then")
     full_max: PositiveInt = Field(20_000, description="pools up to this size are solved whole")
     support: Literal["sample", "kmeans"] = Field("sample", description="how larger pools are summarised")
     support_size: PositiveInt = Field(10_000, description="points in the sample or coreset")
@@ -120,8 +131,8 @@ class SelectPoolConfig(StrictModel):
     domain_sample: PositiveInt = Field(2_000, description="rows per source for the domain test")
     knn_k: PositiveInt = 10
     dsir_buckets: PositiveInt = 10_000
-    pool_grads: Path | None = Field(None, description="gradient store of the pool (grad-cosine)")
-    target_grads: Path | None = Field(None, description="gradient store of the target (grad-cosine)")
+    pool_grads: Uri | None = Field(None, description="gradient store of the pool (grad-cosine)")
+    target_grads: Uri | None = Field(None, description="gradient store of the target (grad-cosine)")
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -129,7 +140,7 @@ class SelectPoolConfig(StrictModel):
 class SuiteConfig(StrictModel):
     """`sift suite`: the built-in multi-task suite as an ingest folder."""
 
-    out: Path | None = None
+    out: Uri | None = None
     per_task: PositiveInt = 400
     validation: float = Field(0.2, gt=0, lt=1)
     test: float = Field(0.0, ge=0, lt=1, description="share of each task held out as split 'test' (sift evaluate)")
@@ -140,13 +151,23 @@ class SuiteConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
+class EstimatorFit(StrictModel):
+    """How the estimator fits a subset's w (docs/ALGORITHMS.md section 2, step 5)."""
+
+    method: Literal["logistic", "gradex"] = Field("logistic", description="logistic: the offset logistic model "
+                                                  "with lam; gradex: the EMNLP code's variant (f* = 0, sklearn C)")
+    gradex_c: float = Field(1e-4, gt=0, description="gradex: sklearn's C")
+    update_norm: float | None = Field(None, gt=0, description="rescale every update to |P w| = this x the anchor "
+                                                              "adapter's norm (the EMNLP code: 0.02-0.5); default off")
+
+
 class SelectTasksConfig(StrictModel):
     """`sift select-tasks`: which training tasks help the target, by the first-order estimator."""
 
-    data: Path | None = Field(None, description="the examples (ingest folder or parquet) with task and split")
-    grads: Path | None = Field(None, description="their gradient store (`sift featurize grads`)")
+    data: Uri | None = Field(None, description="the examples (ingest folder or parquet) with task and split")
+    grads: Uri | None = Field(None, description="their gradient store (`sift featurize grads`)")
     target: list[str] = Field(default_factory=list)
-    out: Path | None = None
+    out: Uri | None = None
     search: Literal["random", "forward", "tune"] = "random"
     units: Literal["tasks", "clusters"] = Field("tasks", description="what a subset is made of: whole tasks, or "
                                                                      "clusters of the candidates' gradients")
@@ -156,6 +177,10 @@ class SelectTasksConfig(StrictModel):
     subsets: PositiveInt = Field(200, description="random subsets to estimate")
     ratio: float = Field(0.5, gt=0, le=1, description="share of the candidate tasks in each random subset")
     lam: float = Field(1e-3, gt=0, description="L2 strength of the subset fit")
+    fit: EstimatorFit = Field(default_factory=EstimatorFit)
+    keep: float | None = Field(None, gt=0, le=1, description="random/tune search: keep this share of the candidates "
+                                                             "with the best random-ensemble score (the reference: "
+                                                             "0.7-0.95); default: those whose score is <= 0")
     top_up: int = Field(0, ge=0, description="top tasks up to this many training rows by averaging pairs")
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -164,9 +189,9 @@ class SelectTasksConfig(StrictModel):
 class GroupConfig(StrictModel):
     """`sift group`: split the tasks of a gradient store into m groups for the adapter ensemble."""
 
-    data: Path | None = None
-    grads: Path | None = None
-    out: Path | None = None
+    data: Uri | None = None
+    grads: Uri | None = None
+    out: Uri | None = None
     groups: PositiveInt | None = Field(None, description="m; default: chosen by average within-group density")
     max_groups: PositiveInt = Field(6, description="largest m tried when m is not given")
     method: Literal["sdp", "spectral"] = Field("sdp", description="clustering of the affinity before refinement")
@@ -185,18 +210,21 @@ class CalibrateConfig(StrictModel):
     """`sift estimate --calibrate`: how good is the estimator here? Approximation error of the
     first-order model, and estimates against real LoRA fine-tunes of the same subsets."""
 
-    data: Path | None = None
-    grads: Path | None = None
+    data: Uri | None = None
+    grads: Uri | None = None
     target: list[str] = Field(default_factory=list)
-    out: Path | None = None
+    out: Uri | None = None
     subsets: PositiveInt = Field(8, description="subsets fine-tuned for real")
     ratio: float = Field(0.5, gt=0, le=1)
     lam: float = Field(1e-3, gt=0)
+    fit: EstimatorFit = Field(default_factory=EstimatorFit)
     scales: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
                                 description="update sizes (multiples of the fitted w) for the approximation error")
     eval_rows: PositiveInt = Field(200, description="target validation rows used for the approximation error")
-    steps: PositiveInt = Field(60, description="optimizer steps of each real fine-tune")
-    lr: float = Field(1e-3, gt=0)
+    steps: PositiveInt = Field(60, description="optimizer steps of each real fine-tune (cross-entropy on the "
+                                               "answer tokens, the same training rows as the estimate)")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate of the real fine-tunes")
+    eval_every: PositiveInt = Field(10, description="steps between points of each fine-tune's target-loss curve")
     batch_size: PositiveInt = 16
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -206,10 +234,10 @@ class LoraTrainConfig(StrictModel):
     """`sift train-lora`: one LoRA (or QLoRA) fitted on tasks' training rows with Ray Train; the
     multitask meta-initialisation anchor of the estimator, and the unit of the adapter ensemble."""
 
-    data: Path | None = None
-    out: Path | None = None
+    data: Uri | None = None
+    out: Uri | None = None
     model: str | None = None
-    adapter: Path | None = Field(None, description="start from this adapter instead of a fresh LoRA")
+    adapter: Uri | None = Field(None, description="start from this adapter instead of a fresh LoRA")
     tasks: list[str] | None = Field(None, description="tasks to train on; default all")
     objective: Literal["answer", "lm"] = Field("answer", description="answer: CE on the answer; lm: causal LM "
                                                                       "loss over the whole text (adaptation)")
@@ -233,12 +261,12 @@ class EnsembleTrainConfig(StrictModel):
     """`sift train`: one LoRA/QLoRA per group, trained concurrently with Ray Train; per-task
     mixture weights fitted on validation rows; optional boosting; writes ensemble.json."""
 
-    groups: Path | None = Field(None, description="a `sift group` output folder (groups.json)")
+    groups: Uri | None = Field(None, description="a `sift group` output folder (groups.json)")
     partition: list[list[str]] | None = Field(None, description="explicit groups of tasks instead of --groups")
-    data: Path | None = Field(None, description="default: the data groups.json was built from")
-    grads: Path | None = Field(None, description="gradient store whose anchor (model, LoRA, prompt) the adapters "
+    data: Uri | None = Field(None, description="default: the data groups.json was built from")
+    grads: Uri | None = Field(None, description="gradient store whose anchor (model, LoRA, prompt) the adapters "
                                                  "start from; default: the one of groups.json")
-    out: Path | None = None
+    out: Uri | None = None
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRA (4-bit base)")
     epochs: PositiveInt = 3
     steps_per_epoch: PositiveInt | None = None
@@ -247,8 +275,10 @@ class EnsembleTrainConfig(StrictModel):
     workers: PositiveInt = Field(1, description="Ray Train workers per group")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Ray Train worker (0: train on CPUs)")
     boost: int = Field(0, ge=0, description="boosting rounds (closed-form residual adapters)")
-    boost_weight: float = Field(0.2, gt=0, lt=1)
     boost_alpha: float = Field(10.0, gt=0, description="ridge strength of a boosting adapter")
+    boost_max_step: float = Field(1.0, gt=0, description="largest step size nu of the line search on validation rows")
+    boost_max_norm: float = Field(1.0, gt=0, description="a boosting adapter's |P w| is capped at this multiple of "
+                                                         "the group adapters' median distance from the anchor")
     seed: int = 0
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -256,7 +286,7 @@ class EnsembleTrainConfig(StrictModel):
 class ServeConfig(StrictModel):
     """`sift serve`: an adapter ensemble (ensemble.json) behind an HTTP API on Ray Serve."""
 
-    manifest: Path | None = Field(None, description="ensemble.json or the folder holding it")
+    manifest: Uri | None = Field(None, description="ensemble.json or the folder holding it")
     backend: Literal["vllm", "peft"] = Field("vllm", description="vllm: multi-LoRA batching; peft: the "
                                                                  "transformers + PEFT reference")
     host: str = Field("127.0.0.1", description="HTTP bind address (loopback by default)")
@@ -275,59 +305,52 @@ class ServeConfig(StrictModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     replicas: PositiveInt = 1
     replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica")
-    max_ongoing_requests: PositiveInt = Field(256, description="per replica, before Ray Serve queues")
+    max_ongoing_requests: PositiveInt = Field(32, description="requests a replica works on (or waits on) at once")
+    max_queued_requests: PositiveInt = Field(64, description="requests queued for the replicas (per HTTP proxy) "
+                                                             "beyond max_ongoing_requests; more get 503 + Retry-After")
+    retry_after_s: PositiveInt = Field(1, description="the Retry-After of a 503 when the queue is full")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request still running after this gets 504 and "
+                                                            "is cancelled")
+    allow_swap: bool = Field(False, description="enable POST /v1/ensemble (needs SIFT_SERVE_TOKEN and manifest_root)")
+    manifest_root: Path | None = Field(None, description="swaps load only manifests and adapters inside this "
+                                                         "folder; the chosen manifest is remembered in "
+                                                         "ROOT/.sift-serve/")
     threads: PositiveInt | None = Field(None, description="peft: torch threads; default: the machine's cores")
     trust_remote_code: bool = False
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
-class PoolStage(StrictModel):
-    """The pool part of a pipeline: unlabeled texts -> embeddings -> GOT-D toward a target."""
+class SampleConfig(StrictModel):
+    """`sift sample`: a pool sampled from an ingest folder (stratified by task, so small sources
+    are not drowned by large ones), with an optional target held out of it: the rows of one task
+    and label, as a user holds out a labelled sample of what they care about."""
 
-    inputs: list[str] = Field(default_factory=list, description="pool files/folders/URIs; empty: the built-in corpora")
-    corpora: list[Literal["tweets", "chatterbot", "fortunes", "wordnet"]] = Field(
-        default_factory=lambda: ["tweets", "chatterbot", "fortunes", "wordnet"])
-    target: str | None = Field(None, description="target texts; default: a held-out topic of the fortunes corpus")
-    target_topic: str = "computers"
-    target_rows: PositiveInt = 100
-    sample_rows: PositiveInt | None = Field(2000, description="embed a sample stratified by source; null: all rows")
-    budget: float = Field(30, gt=0)
-    method: Literal["gotd", "knn", "dsir", "grad-cosine", "random"] = "gotd"
+    data: str | None = Field(None, description="an ingest folder or a parquet file of examples")
+    out: str | None = None
+    rows: PositiveInt | None = Field(None, description="pool rows, stratified by task; default: every row")
+    target_task: str | None = Field(None, description="hold out rows of this task as the target")
+    target_label: str | None = Field(None, description="... with this label")
+    target_rows: PositiveInt = Field(100, description="rows held out as the target (at most half the topic)")
+    seed: int = 0
 
 
-class TasksStage(StrictModel):
-    """The task part: labelled tasks -> gradients -> subset search -> groups -> adapter ensemble."""
+class PipelineStep(StrictModel):
+    """One step of a pipeline: a registered stage and that command's own config. Relative paths
+    in it are resolved against the pipeline's `out`, so steps name each other's outputs."""
 
-    data: Path | None = Field(None, description="labelled multi-task examples; default: the built-in suite")
-    suite_tasks: list[str] = Field(default_factory=lambda: [
-        "tweet-polarity", "wordnet-animal-plant", "wordnet-person-location", "fortunes-computers-science",
-        "fortunes-law-politics"])
-    per_task: PositiveInt = 80
-    model: str = "smollm2-135m"
-    lora: LoraSpec = Field(default_factory=lambda: LoraSpec(layers=[26, 27, 28, 29]),
-                           description="the demo adapts SmolLM2's top 4 layers (backprop stops there)")
-    dim: PositiveInt = 64
-    max_length: PositiveInt = 64
-    target: list[str] = Field(default_factory=lambda: ["wordnet-animal-plant"], description="select-tasks target")
-    subsets: PositiveInt = 100
-    groups: PositiveInt | None = 2
-    epochs: PositiveInt = 2
-    boost: int = Field(1, ge=0)
-    quantize: Literal["none", "nf4"] = "none"
+    stage: str = Field(description="a registered stage: ingest, sample, embed, grads, select-pool, ...")
+    name: str | None = Field(None, description="the step's name (default: the stage's); unique in the file")
+    config: dict[str, Any] = Field(default_factory=dict)
 
 
 class PipelineConfig(StrictModel):
-    """`sift run pipeline.yaml` (`sift demo` runs the defaults): every stage, each skipped when
-    its fingerprint (its settings and everything upstream) matches a finished run."""
+    """`sift run pipeline.yaml` (`sift demo` runs configs/pipeline.yaml): its steps in order, each
+    skipped when its fingerprint (its config and the fingerprints of what it reads) matches a
+    finished run."""
 
-    out: Path = Path("runs/demo")
-    stages: list[Literal["ingest", "embed", "select-pool", "suite", "grads", "select-tasks", "group", "train",
-                         "serve"]] | None = Field(None, description="run only these (default: all)")
-    pool: PoolStage = Field(default_factory=PoolStage)
-    tasks: TasksStage = Field(default_factory=TasksStage)
-    serve_backend: Literal["peft", "vllm"] = Field("peft", description="backend of the smoke query")
-    serve_queries: PositiveInt = 8
-    seed: int = 0
+    out: str = "runs/demo"
+    only: list[str] | None = Field(None, description="run only these steps (default: all)")
+    steps: list[PipelineStep] = Field(default_factory=list)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
@@ -340,13 +363,13 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
     where = "command line"
     if path is not None:
         where = str(path)
-        data = _read_yaml(Path(path))
+        data = read_yaml(Path(path))
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise SiftError(f"config error in {where}: {_describe(exc, cls)}") from None
+        raise SiftError(f"config error in {where}: {describe(exc, cls)}") from None
 
 
 def parse_set_flags(items: list[str]) -> dict[str, Any]:
@@ -360,7 +383,7 @@ def parse_set_flags(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SiftError(f"config file not found: {path}")
     try:
@@ -376,7 +399,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
@@ -386,7 +409,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(exc: ValidationError, cls: type[StrictModel]) -> str:
+def describe(exc: ValidationError, cls: type[StrictModel]) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])

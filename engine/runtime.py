@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from engine import logs
+from engine import storage
 from engine.config import RuntimeConfig
 from engine.errors import SiftError
 
@@ -56,11 +58,14 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
     cfg = cfg or RuntimeConfig()
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
-        common: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+        common: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=logs.forward_worker_logs())
         if address:
             _check_reachable(address)
+            # Workers elsewhere reach the driver's object store: endpoint and region, keys only
+            # if the driver has them (storage.worker_env). Embedded workers inherit the environment.
+            env = storage.worker_env()
             try:
-                ray.init(address=address, **common)
+                ray.init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}), **common)
             except ConnectionError as exc:
                 raise SiftError(f"cannot reach the Ray cluster at {address}: {exc}") from None
         else:
@@ -74,6 +79,7 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
                 _node_ip_address=LOOPBACK,
                 **common,
             )
+        logs.redirect()
     return info()
 
 

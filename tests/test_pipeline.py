@@ -1,5 +1,5 @@
 """`sift run pipeline.yaml`: every stage on small built-in data, through a served HTTP query;
-a rerun skips what is done, a changed setting reruns that stage and those downstream."""
+a rerun skips what is done, a changed setting reruns that step and the steps that read it."""
 
 from __future__ import annotations
 
@@ -7,16 +7,29 @@ import json
 
 import yaml
 
+from engine import pipeline
 from engine.cli import main
-from engine.config import PipelineConfig, load_config
+from engine.executor import MARKER
 
 SMALL = {
-    "pool": {"corpora": ["chatterbot", "fortunes"], "sample_rows": 300, "target_rows": 40, "budget": 20},
-    "tasks": {"suite_tasks": ["wordnet-animal-plant", "fortunes-law-politics", "wordnet-person-location"],
-              "per_task": 40, "model": "tiny-llama", "lora": {"layers": None}, "dim": 32, "subsets": 30,
-              "epochs": 1, "boost": 0},
-    "serve_queries": 3,
+    "steps": [
+        {"stage": "ingest", "config": {"corpora": ["chatterbot", "fortunes"]}},
+        {"stage": "sample", "config": {"data": "ingest", "rows": 300, "target_task": "fortunes",
+                                       "target_label": "computers", "target_rows": 40}},
+        {"stage": "embed", "config": {"data": "sample/pool.parquet"}},
+        {"stage": "select-pool", "config": {"pool": "embed", "target": "sample/target.parquet", "budget": 20}},
+        {"stage": "suite", "config": {"tasks": ["wordnet-animal-plant", "fortunes-law-politics",
+                                                "wordnet-person-location"], "per_task": 40, "test": 0.2}},
+        {"stage": "grads", "config": {"data": "suite", "model": "tiny-llama", "dim": 32}},
+        {"stage": "select-tasks", "config": {"data": "suite", "grads": "grads", "target": ["wordnet-animal-plant"],
+                                             "subsets": 30}},
+        {"stage": "group", "config": {"data": "suite", "grads": "grads", "groups": 2}},
+        {"stage": "train", "config": {"groups": "group", "epochs": 1, "boost": 0}},
+        {"stage": "serve", "config": {"manifest": "train", "backend": "peft", "check_data": "suite",
+                                      "check_queries": 3}},
+    ],
 }
+NAMES = [step["stage"] for step in SMALL["steps"]]
 
 
 def test_pipeline_end_to_end_and_rerun(tmp_path, ray_session, capsys):
@@ -24,41 +37,29 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, ray_session, capsys):
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
     assert main(["run", str(config)]) == 0
     first = capsys.readouterr().out
-    for stage in ("ingest", "embed", "select-pool", "suite", "grads", "select-tasks", "group", "train", "serve"):
-        assert f"[{stage}] ran:" in first
-        assert json.loads((tmp_path / "run" / stage / "stage.json").read_text())["stage"] == stage
+    for name in NAMES:
+        assert f"[{name}] ran:" in first
+        assert json.loads((tmp_path / "run" / name / MARKER).read_text())["stage"] == name
     assert "3 test rows classified over HTTP (peft)" in first
     assert len(json.loads((tmp_path / "run" / "serve" / "answers.json").read_text())) == 3
+    assert "Adapter ensemble on test rows" in first
     page = (tmp_path / "run" / "report.html").read_text()
-    assert page.count("data:image/png;base64") == 3
+    assert page.count("data:image/png;base64") == 3  # select-pool, select-tasks, group
 
-    assert main(["run", str(config), "--set", "tasks.epochs=2"]) == 0
+    assert main(["run", str(config), "--set", "train.epochs=2"]) == 0
     second = capsys.readouterr().out
-    for stage in ("ingest", "embed", "select-pool", "suite", "grads", "select-tasks", "group"):
-        assert f"[{stage}] skipped (done)" in second
+    for name in NAMES[:NAMES.index("train")]:
+        assert f"[{name}] skipped (done)" in second
     assert "[train] ran:" in second and "[serve] ran:" in second
 
 
-def test_shipped_pipeline_file_is_the_demo():
-    assert load_config(PipelineConfig, "configs/pipeline.yaml") == PipelineConfig()
+def test_shipped_pipeline_file_is_the_demo_and_validates():
+    cfg = pipeline.load(pipeline.DEMO)
+    assert [s.stage for s in cfg.steps] == ["ingest", "sample", "embed", "select-pool", "suite", "grads",
+                                            "select-tasks", "group", "train", "serve"]
+    from engine.stages import STAGES
 
-
-def test_stages_left_out_pass_on_their_fingerprint_on_disk(tmp_path, ray_session, monkeypatch):
-    """Running only `group` after a grads setting changed must not record group as built on the
-    new gradients: a later full run rebuilds grads and then group too."""
-    from engine import pipeline
-
-    calls = []
-    monkeypatch.setattr(pipeline, "STAGES", {name: (lambda cfg, out, name=name: calls.append(name) or name)
-                                             for name in pipeline.STAGES})
-    monkeypatch.setattr(pipeline, "_ensemble_table", lambda out: None)
-    base = {"out": tmp_path / "run"}
-    pipeline.run(PipelineConfig(**base))
-    assert calls == list(pipeline.UPSTREAM)
-    calls.clear()
-    changed = {**base, "tasks": {"dim": 128, "groups": 3}}
-    pipeline.run(PipelineConfig(**changed, stages=["group"]))
-    assert calls == ["group"]  # its own setting changed; it ran on the gradients on disk
-    calls.clear()
-    pipeline.run(PipelineConfig(**changed))
-    assert calls == ["grads", "select-tasks", "group", "train", "serve"]
+    resolved = {name: stage_cfg for name, _, stage_cfg in pipeline._resolve(cfg, STAGES)}
+    assert resolved["train"].groups == "runs/demo/group"  # a step name resolves to that step's output
+    assert resolved["select-pool"].target == "runs/demo/sample/target.parquet"
+    assert resolved["grads"].model == "smollm2-135m"  # names that are not steps stay as they are

@@ -1,0 +1,129 @@
+"""The executor: one fingerprint scheme, the done marker written last, reruns that skip exactly
+what is finished — on local folders and on a real S3 endpoint, with toy stages (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import executor, pipeline, storage
+from engine.config import StrictModel, Uri
+from engine.stages import STAGES, Result, Stage
+
+
+class CopyConfig(StrictModel):
+    data: Uri | None = None
+    out: Uri | None = None
+    suffix: str = "!"
+    fail: bool = False
+
+
+class CopyResult(Result):
+    text: str
+
+    def line(self) -> str:
+        return self.text
+
+
+CALLS: list[str] = []
+
+
+def _copy(cfg: CopyConfig) -> CopyResult:
+    """Appends `suffix` to the text it reads; writes two files, the second one last."""
+    CALLS.append(Path(cfg.out).name)
+    text = storage.read_text(storage.join(cfg.data, "text.txt") if storage.is_dir(cfg.data) else cfg.data) + cfg.suffix
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "text.txt").write_text(text)
+    if cfg.fail:
+        raise RuntimeError("killed mid-run")
+    (Path(cfg.out) / "extra.txt").write_text("done")
+    return CopyResult(text=text)
+
+
+COPY = Stage("copy", "toy", CopyConfig, CopyResult, _copy, lambda r: None, lambda p: None, inputs=("data",))
+
+
+@pytest.fixture(autouse=True)
+def _calls():
+    CALLS.clear()
+
+
+def _run(data, out, **settings):
+    return executor.run(COPY, CopyConfig(data=str(data), out=str(out), **settings))
+
+
+def test_skip_rerun_on_setting_or_input_change_and_force(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    assert _run(source, tmp_path / "x").result.text == "a!"
+    again = _run(source, tmp_path / "x")
+    assert (again.status, again.result.text, CALLS) == ("skipped (done)", "a!", ["x"])
+    assert _run(source, tmp_path / "x", suffix="?").status == "ran"  # a setting changed
+    source.write_text("b")  # an input edited in place: its size and mtime change
+    assert _run(source, tmp_path / "x", suffix="?").result.text == "b?"
+    assert executor.run(COPY, CopyConfig(data=str(source), out=str(tmp_path / "x"), suffix="?"),
+                        force=True).status == "ran"
+    assert len(CALLS) == 4
+
+
+def test_a_killed_run_leaves_no_marker_and_reruns(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    _run(source, tmp_path / "x")
+    with pytest.raises(RuntimeError):
+        _run(source, tmp_path / "x", fail=True)  # the old marker is removed before the run starts
+    assert not (tmp_path / "x" / executor.MARKER).exists()
+    assert (tmp_path / "x" / "text.txt").exists()  # a half-written output ...
+    assert _run(source, tmp_path / "x").status == "ran"  # ... is never taken for a finished one
+
+
+def test_foreign_or_corrupt_marker_is_no_proof(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / executor.MARKER).write_text("{not json")
+    assert _run(source, out).status == "ran"
+    marker = executor.read_marker(str(out))
+    storage.write_json(storage.join(str(out), executor.MARKER), {**marker.model_dump(), "stage": "other"})
+    assert _run(source, out).status == "ran"
+
+
+def test_downstream_reruns_and_steps_left_out_pass_on_their_output(tmp_path, monkeypatch, ray_session):
+    monkeypatch.setitem(STAGES, "copy", COPY)
+    (tmp_path / "in.txt").write_text("a")
+    file = tmp_path / "p.yaml"
+    file.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "steps": [
+        {"stage": "copy", "name": "first", "config": {"data": str(tmp_path / "in.txt")}},
+        {"stage": "copy", "name": "second", "config": {"data": "first"}},
+        {"stage": "copy", "name": "third", "config": {"data": "second/text.txt"}},
+    ]}))
+    pipeline.run(pipeline.load(str(file)))
+    assert CALLS == ["first", "second", "third"]
+    CALLS.clear()
+    changed = {"first.suffix": "?", "second.suffix": "+"}
+    pipeline.run(pipeline.load(str(file), {**changed, "only": ["second"]}))
+    assert CALLS == ["second"]  # its own setting changed; it ran on what `first` left on disk
+    assert (tmp_path / "run" / "second" / "text.txt").read_text() == "a!+"
+    CALLS.clear()
+    pipeline.run(pipeline.load(str(file), changed))
+    assert CALLS == ["first", "second", "third"]  # first's new output reruns everything that reads it
+    assert (tmp_path / "run" / "third" / "text.txt").read_text() == "a?+!"
+    CALLS.clear()
+    pipeline.run(pipeline.load(str(file), changed))
+    assert CALLS == []
+
+
+def test_remote_output_uploaded_before_its_marker_and_skipped_on_rerun(s3, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    out = f"{s3}/executor/x"
+    assert _run(source, out).result.text == "a!"
+    assert sorted(storage.list_files(out)) == [f"{out}/{executor.MARKER}", f"{out}/extra.txt", f"{out}/text.txt"]
+    assert _run(source, out).status == "skipped (done)"
+    stale = f"{s3}/executor/y"
+    storage.write_text(f"{stale}/text.txt", "left by someone else")  # a foreign object, no marker
+    assert _run(f"{out}/text.txt", stale).status == "ran"
+    assert storage.read_text(f"{stale}/text.txt") == "a!!"
