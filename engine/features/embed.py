@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from engine import executor, storage
 from engine.config import EmbedConfig
 from engine.data.ingest import examples_path
 from engine.features import runner
@@ -53,13 +54,13 @@ def spec_for(cfg: EmbedConfig) -> tuple[StoreSpec, object]:
     examples = examples_path(cfg.data)
     model = builtin.resolve(cfg.model)
     dim = json.loads((model / "config.json").read_text())["hidden_size"]
-    rows = pl.scan_parquet(examples).select(pl.len()).collect().item()
+    rows = storage.parquet_rows(examples)
     spec = StoreSpec(
         kind="embeddings",
         fingerprint={
-            "model": runner.folder_fingerprint(model),
-            "config": runner.config_fingerprint(cfg, exclude={"model", "batch_size", "shard_rows"}),
-            "data": runner.data_fingerprint(examples),
+            "model": executor.folder_digest(model),
+            "config": executor.settings_digest(cfg, exclude={"model", "batch_size", "shard_rows"}),
+            "data": executor.data_digest(examples),
         },
         dim=dim, dtype=cfg.dtype, seed=None, rows=rows, shard_rows=cfg.shard_rows,
     )

@@ -8,7 +8,6 @@ its shard redone; an interrupted run leaves finished shards behind, and the reru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,12 +16,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
-from engine import runtime
+from engine import runtime, storage
 from engine.config import FeaturizeConfig
 from engine.errors import SiftError
-from engine.features.store import FeatureStore, StoreSpec
+from engine.features.store import CONFIG, FeatureStore, StoreSpec
 
 QUARANTINE_COLUMNS = {"id": pl.String, "reason": pl.String}
 
@@ -55,45 +53,16 @@ class RunStats:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def data_fingerprint(path: Path) -> str:
-    """Digest of the columns features depend on, so edited data never reuses stale features."""
-    table = pq.read_table(path, columns=[c for c in ("id", "text", "task", "label") if c in pq.read_schema(path).names])
-    h = hashlib.sha256()
-    for column in table.itercolumns():
-        for chunk in column.chunks:
-            for buffer in chunk.buffers():
-                if buffer is not None:
-                    h.update(memoryview(buffer))
-    return f"{table.num_rows} rows@{h.hexdigest()[:16]}"
-
-
-def folder_fingerprint(folder: Path | None) -> str:
-    """Name and digest of a model or adapter folder's config and weight sizes."""
-    if folder is None:
-        return "none"
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).iterdir()):
-        if f.suffix == ".json":
-            h.update(f.read_bytes())
-        elif f.suffix == ".safetensors":
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return f"{Path(folder).name}@{h.hexdigest()[:12]}"
-
-
-def config_fingerprint(cfg: FeaturizeConfig, exclude: set[str]) -> str:
-    settings = cfg.model_dump(mode="json", exclude={"data", "out", "force", "runtime", "actors", *exclude})
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run(
     cfg: FeaturizeConfig,
     spec: StoreSpec,
     featurizer: type[Featurizer],
-    examples: Path,
+    examples: str | Path,
     progress: str,
     replace_mismatch: bool = False,
 ) -> tuple[FeatureStore, RunStats]:
-    """Fill the store at cfg.out with `featurizer` over `examples`, skipping finished shards."""
+    """Fill the store at cfg.out (a local folder or a URI) with `featurizer` over `examples`,
+    skipping finished shards."""
     import ray
     from tqdm.auto import tqdm
 
@@ -102,7 +71,7 @@ def run(
     store = FeatureStore.prepare(cfg.out, spec, force=cfg.force, replace_mismatch=replace_mismatch)
     # The full request, so later stages can rebuild the anchor (model, LoRA, projection) exactly,
     # from any working directory (Ray Tune and Train workers run elsewhere): paths made absolute.
-    (store.root / "config.json").write_text(_absolute_paths(cfg).model_dump_json(indent=2, exclude={"runtime"}))
+    storage.write_text(store.path(CONFIG), _absolute_paths(cfg).model_dump_json(indent=2, exclude={"runtime"}))
     todo = store.missing_shards()
     stats = RunStats(shards_total=spec.num_shards, shards_done_before=spec.num_shards - len(todo))
     if not todo:
@@ -114,8 +83,8 @@ def run(
     ds = ds.map_batches(
         ShardWorker,
         batch_size=1,
-        fn_constructor_kwargs=dict(featurizer=featurizer, cfg=_absolute_paths(cfg), store=str(store.root),
-                                   examples=str(Path(examples).resolve()), threads=pool.threads),
+        fn_constructor_kwargs=dict(featurizer=featurizer, cfg=_absolute_paths(cfg), store=store.root,
+                                   examples=storage.absolute(examples), threads=pool.threads),
         **pool.map_batches_kwargs(),
     )
     started = time.perf_counter()
@@ -131,14 +100,17 @@ def run(
 
 
 def _absolute_paths(cfg: FeaturizeConfig) -> FeaturizeConfig:
-    update = {k: Path(getattr(cfg, k)).resolve() for k in ("data", "out", "adapter") if getattr(cfg, k, None) is not None}
-    if cfg.model is not None and Path(cfg.model).exists():  # a local folder, not a built-in name
-        update["model"] = str(Path(cfg.model).resolve())
+    """Local paths made absolute (URIs and built-in model names stay as they are)."""
+    update = {k: storage.absolute(getattr(cfg, k)) for k in ("data", "out", "adapter") if getattr(cfg, k, None) is not None}
+    if cfg.model is not None and not storage.is_remote(cfg.model) and Path(cfg.model).exists():  # a local folder
+        update["model"] = storage.absolute(cfg.model)
     return cfg.model_copy(update=update)
 
 
 class ShardWorker:
-    """Ray Data actor: shard numbers in, written shards and their counts out."""
+    """Ray Data actor: shard numbers in, written shards and their counts out. It reads its rows
+    from and writes its shard to storage every node sees (a local path only on one machine or a
+    shared mount; s3:// or gs:// on a cluster), so vectors never pass through the driver."""
 
     def __init__(self, featurizer: type[Featurizer], cfg: FeaturizeConfig, store: str, examples: str, threads: int):
         import torch
@@ -152,7 +124,7 @@ class ShardWorker:
         out: dict[str, list] = {"shard": [], "rows": [], "quarantined": [], "reasons": []}
         for k in batch["shard"].tolist():
             start, stop = self.store.shard_range(k)
-            frame = pl.scan_parquet(self.examples).slice(start, stop - start).collect()
+            frame = storage.read_parquet_slice(self.examples, start, stop - start)
             result = self.featurizer(frame)
             self.store.write_shard(k, result.rows, result.vectors, result.quarantine)
             reasons = result.quarantine.group_by("reason").len().rows()

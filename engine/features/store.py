@@ -1,32 +1,48 @@
-"""A feature store: a folder of shards plus a manifest that says exactly what they hold.
+"""A feature store: a folder (local or object storage) of shards plus a manifest that says exactly
+what they hold.
 
     OUT/manifest.json                 kind, fingerprint (model, adapter, config, data), dim, dtype, seed
+    OUT/config.json                   the full featurize request (written by the runner)
     OUT/shards/00000.npy              vectors of the shard's kept rows, (n, dim), float32 or float16
     OUT/shards/00000.parquet          id, task, label (+ f for gradients) of those rows, same order
     OUT/shards/00000.quarantine.parquet   rows that produced no feature, with a reason
 
-Shard k always holds input rows [k * shard_rows, (k + 1) * shard_rows), so any worker can
-compute any shard and a rerun computes exactly the missing ones. A shard is written to temporary
-names and renamed into place, its rows file last: that file existing means the shard is done.
-A store is never silently reused for a different request: the manifest's fingerprint must match.
+OUT is any location `engine.storage` serves (a local folder, s3://, gs://, ...). Shard k always
+holds input rows [k * shard_rows, (k + 1) * shard_rows), so any worker on any node can compute any
+shard and a rerun computes exactly the missing ones. Each file is written atomically and the rows
+file last: that file existing means the shard is done. Nothing else counts: a vectors file
+without its rows file (a writer killed mid-shard) or any other object under shards/ is ignored and
+overwritten. A store is never silently reused for a different request: the manifest's fingerprint
+must match, and a new manifest is only written after clearing shards/ (files there without a
+manifest cannot be shown to belong to this request).
+
+Local stores are read memory-mapped. Remote stores are read shard by shard: `vectors()` fetches a
+shard when its rows are asked for (a few recent shards kept in memory), `iter_batches` streams
+them with the next shard already downloading.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
-import shutil
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from engine import storage
+from engine.config import EmbedConfig, FeaturizeConfig, GradsConfig
 from engine.errors import SiftError
 
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
+SHARDS = "shards"
+CACHE_BYTES = 256 << 20  # remote shards kept in memory for random access
+FETCH_THREADS = 8  # parallel GETs when many small shard files are read from object storage
 
 
 @dataclass(frozen=True)
@@ -45,12 +61,32 @@ class StoreSpec:
 
 
 class FeatureStore:
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()  # absolute: Ray workers may run in another directory
-        path = self.root / MANIFEST
-        if not path.is_file():
-            raise SiftError(f"{self.root}: not a feature store (no {MANIFEST}); run `sift featurize` first")
-        self.spec = StoreSpec(**json.loads(path.read_text()))
+    def __init__(self, root: str | os.PathLike, spec: StoreSpec | None = None):
+        self.root = storage.absolute(root)  # absolute: Ray workers may run in another directory
+        self.remote = storage.is_remote(self.root)
+        if spec is None:
+            manifest = storage.join(self.root, MANIFEST)
+            if not storage.is_file(manifest):
+                raise SiftError(f"{self.root}: not a feature store (no {MANIFEST}); run `sift featurize` first")
+            spec = StoreSpec(**storage.read_json(manifest))
+        self.spec = spec
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # remote shards, most recent last
+
+    @staticmethod
+    def exists(root: str | os.PathLike) -> bool:
+        """Whether `root` holds a feature store (a manifest)."""
+        return storage.is_file(storage.join(root, MANIFEST))
+
+    def path(self, name: str) -> str:
+        """The location of a file beside the manifest (e.g. CONFIG)."""
+        return storage.join(self.root, name)
+
+    def config(self) -> FeaturizeConfig:
+        """The featurize request that built this store (config.json), as its typed config."""
+        if not storage.is_file(self.path(CONFIG)):
+            raise SiftError(f"{self.root}: no {CONFIG}; rebuild the store with this version of `sift featurize`")
+        cls = GradsConfig if self.spec.kind == "grads" else EmbedConfig
+        return cls.model_validate_json(storage.read_text(self.path(CONFIG)))
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -59,36 +95,38 @@ class FeatureStore:
                 replace_mismatch: bool = False) -> "FeatureStore":
         """Create the store, or resume one made for the same request. A store made for a different
         request is an error, or replaced when `replace_mismatch` (stores sift derives itself)."""
-        root = Path(root)
-        path = root / MANIFEST
-        if path.is_file() and not force:
-            old = json.loads(path.read_text())
-            differs = _differences(old, asdict(spec))
+        root = storage.absolute(root)
+        manifest = storage.join(root, MANIFEST)
+        if not force and storage.is_file(manifest):
+            differs = _differences(storage.read_json(manifest), asdict(spec))
             if differs and replace_mismatch:
                 return cls.prepare(root, spec, force=True)
             if differs:
                 raise SiftError(f"{root} holds a feature store for a different request ({differs}); "
                                 "use another --out, or --force to replace it")
-            return cls(root)
-        if force:
-            shutil.rmtree(root / "shards", ignore_errors=True)
-        (root / "shards").mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(asdict(spec), indent=2).encode())
-        return cls(root)
+            return cls(root, spec)
+        # Manifest first: a crash in between leaves no manifest, never an old one over new shards.
+        storage.delete(manifest)
+        storage.delete(storage.join(root, SHARDS))
+        storage.write_json(manifest, asdict(spec))
+        return cls(root, spec)
 
     def shard_range(self, k: int) -> tuple[int, int]:
         start = k * self.spec.shard_rows
         return start, min(start + self.spec.shard_rows, self.spec.rows)
 
-    def _files(self, k: int) -> tuple[Path, Path, Path]:
-        base = self.root / "shards" / f"{k:05d}"
-        return base.with_suffix(".npy"), base.with_suffix(".parquet"), base.with_name(f"{k:05d}.quarantine.parquet")
+    def _files(self, k: int) -> tuple[str, str, str]:
+        """Shard k's vectors, rows and quarantine files."""
+        return tuple(storage.join(self.root, SHARDS, f"{k:05d}{suffix}")
+                     for suffix in (".npy", ".parquet", ".quarantine.parquet"))
 
     def done(self, k: int) -> bool:
-        return self._files(k)[1].is_file()
+        return storage.is_file(self._files(k)[1])
 
     def missing_shards(self) -> list[int]:
-        return [k for k in range(self.spec.num_shards) if not self.done(k)]
+        """Shards whose rows file is absent, from one listing of shards/ (one request on S3)."""
+        present = {storage.name(f) for f in storage.list_files(storage.join(self.root, SHARDS), recursive=False)}
+        return [k for k in range(self.spec.num_shards) if f"{k:05d}.parquet" not in present]
 
     def write_shard(self, k: int, rows: pl.DataFrame, vectors: np.ndarray, quarantine: pl.DataFrame) -> None:
         start, stop = self.shard_range(k)
@@ -97,14 +135,10 @@ class FeatureStore:
         if vectors.shape != (rows.height, self.spec.dim):
             raise AssertionError(f"shard {k}: vectors {vectors.shape} != ({rows.height}, {self.spec.dim})")
         npy, parquet, quarantined = self._files(k)
-        tmp = f".tmp-{os.getpid()}"
-        with open(f"{npy}{tmp}", "wb") as f:
+        with storage.atomic_writer(npy) as f:
             np.save(f, vectors.astype(self.spec.dtype, copy=False))
-        quarantine.write_parquet(f"{quarantined}{tmp}")
-        rows.write_parquet(f"{parquet}{tmp}")
-        os.replace(f"{npy}{tmp}", npy)
-        os.replace(f"{quarantined}{tmp}", quarantined)
-        os.replace(f"{parquet}{tmp}", parquet)  # last: marks the shard done
+        storage.write_parquet(quarantine, quarantined)
+        storage.write_parquet(rows, parquet)  # last: marks the shard done
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -117,33 +151,69 @@ class FeatureStore:
     def rows(self) -> pl.DataFrame:
         """Row metadata (id, task, label, ...) of every stored vector, in store order."""
         self.check_complete()
-        return pl.concat([pl.read_parquet(self._files(k)[1]) for k in range(self.spec.num_shards)])
+        return pl.concat(self._each_shard(lambda k: storage.read_parquet(self._files(k)[1])))
 
     def quarantine(self) -> pl.DataFrame:
         self.check_complete()
-        return pl.concat([pl.read_parquet(self._files(k)[2]) for k in range(self.spec.num_shards)])
+        return pl.concat(self._each_shard(lambda k: storage.read_parquet(self._files(k)[2])))
 
     def vectors(self) -> "ShardedVectors":
-        """Every stored vector as one memory-mapped view, aligned with `rows()`."""
+        """Every stored vector as one (n, dim) view aligned with `rows()`: memory-mapped shards for
+        a local store, shards fetched on demand for a remote one."""
         self.check_complete()
-        return ShardedVectors([self.shard_vectors(k) for k in range(self.spec.num_shards)])
+        dtype = np.dtype(self.spec.dtype)
+        if not self.remote:
+            shards = [self.shard_vectors(k) for k in range(self.spec.num_shards)]
+            return ShardedVectors([len(s) for s in shards], self.spec.dim, dtype, shards.__getitem__)
+        counts = self._each_shard(lambda k: storage.parquet_rows(self._files(k)[1]))
+        return ShardedVectors(counts, self.spec.dim, dtype, self._cached_shard, self._fetch_shard)
 
     def shard_vectors(self, k: int) -> np.ndarray:
-        """Shard k's vectors, memory-mapped."""
-        return np.load(self._files(k)[0], mmap_mode="r")
+        """Shard k's vectors: memory-mapped from a local store, downloaded (and kept in a small
+        cache) from a remote one."""
+        if not self.remote:
+            return np.load(self._files(k)[0], mmap_mode="r")
+        return self._cached_shard(k)
 
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in (self.root / "shards").iterdir() if f.is_file())
+        return storage.size(storage.join(self.root, SHARDS))
+
+    def _fetch_shard(self, k: int) -> np.ndarray:
+        return np.load(io.BytesIO(storage.read_bytes(self._files(k)[0])))
+
+    def _cached_shard(self, k: int) -> np.ndarray:
+        """Shard k from the bounded cache of recently used remote shards (least recent evicted)."""
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        shard = self._fetch_shard(k)
+        self._cache[k] = shard
+        while len(self._cache) > 1 and sum(s.nbytes for s in self._cache.values()) > CACHE_BYTES:
+            self._cache.popitem(last=False)
+        return shard
+
+    def _each_shard(self, read: Callable[[int], object]) -> list:
+        """`read(k)` for every shard in order; in parallel threads for a remote store, where each
+        call is a round trip."""
+        shards = range(self.spec.num_shards)
+        if not self.remote:
+            return [read(k) for k in shards]
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            return list(pool.map(read, shards))
 
 
 class ShardedVectors:
-    """Memory-mapped shards seen as one (n, dim) array; indexing reads only the rows asked for."""
+    """A store's shards seen as one (n, dim) array; indexing reads only the shards asked for."""
 
-    def __init__(self, shards: list[np.ndarray]):
-        self.shards = shards
-        self.offsets = np.cumsum([0] + [len(s) for s in shards])
-        self.dim = shards[0].shape[1] if shards else 0
-        self.dtype = shards[0].dtype if shards else np.dtype("float32")
+    def __init__(self, counts: list[int], dim: int, dtype: np.dtype,
+                 shard: Callable[[int], np.ndarray], fetch: Callable[[int], np.ndarray] | None = None):
+        """`shard(k)`: shard k's vectors (memory-mapped or cached); `fetch(k)`: the same without
+        caching, for a pass over every shard (default: `shard`)."""
+        self.offsets = np.cumsum([0] + counts)
+        self.dim = dim
+        self.dtype = dtype
+        self._shard = shard
+        self._fetch = fetch or shard
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -151,6 +221,10 @@ class ShardedVectors:
     @property
     def shape(self) -> tuple[int, int]:
         return len(self), self.dim
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.offsets) - 1
 
     def __getitem__(self, index) -> np.ndarray:
         rows = np.arange(len(self))[index]
@@ -160,17 +234,29 @@ class ShardedVectors:
         out = np.empty((len(rows), self.dim), dtype=self.dtype)
         for k in np.unique(shard):
             where = shard == k
-            out[where] = self.shards[k][rows[where] - self.offsets[k]]
+            out[where] = self._shard(int(k))[rows[where] - self.offsets[k]]
         return out
 
     def __array__(self, dtype=None, copy=None):
-        out = np.concatenate(self.shards) if self.shards else np.empty((0, self.dim), self.dtype)
-        return out if dtype is None else out.astype(dtype)
+        out = np.empty(self.shape, dtype=dtype or self.dtype)
+        for k, shard in enumerate(self._shards()):
+            out[self.offsets[k]:self.offsets[k + 1]] = shard
+        return out
 
     def iter_batches(self, rows: int = 65536) -> Iterator[np.ndarray]:
-        for shard in self.shards:
+        """Batches of at most `rows` vectors in store order, one shard in memory at a time."""
+        for shard in self._shards():
             for start in range(0, len(shard), rows):
                 yield np.asarray(shard[start:start + rows])
+
+    def _shards(self) -> Iterator[np.ndarray]:
+        """Every shard in order, the next one fetched while the current one is used."""
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(self._fetch, 0) if self.num_shards else None
+            for k in range(self.num_shards):
+                shard = ahead.result()
+                ahead = pool.submit(self._fetch, k + 1) if k + 1 < self.num_shards else None
+                yield shard
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -183,9 +269,3 @@ def _differences(old: dict, new: dict) -> str:
         elif old.get(key) != new.get(key):
             parts.append(f"{key}: stored {old.get(key)!r}, requested {new.get(key)!r}")
     return "; ".join(parts)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
