@@ -39,14 +39,28 @@ def test_gradex_matches_sklearn_on_sign_flipped_rows():
     assert torch.allclose(scaled.norm(dim=1), torch.full((2,), 0.2, dtype=scaled.dtype))
 
 
-def test_linearised_scores():
+def test_linearised_scores_take_the_argmax_over_each_tasks_labels():
+    """Accuracy is the argmax over the task's label set (not p(gold) > 1/2), macro-F1 as sklearn's."""
+    from sklearn.metrics import f1_score
+
     W = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
     G = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
     f = torch.tensor([-1.0, 0.5])
     scores = estimator.linearised_scores(W, G, f)
     z = torch.tensor([[1.0, 0.5], [-2.0, -2.5]])
     assert torch.allclose(scores.loss, torch.nn.functional.softplus(-z).mean(1))
-    assert scores.accuracy.tolist() == [1.0, 0.0]
+    assert scores.accuracy is None and scores.macro_f1 is None
+    # three rows of one task with labels {a, b}: gold a, a, b. Both labels' f* are below 0 (p < 1/2)
+    # on every row, yet the argmax still classifies.
+    labels = estimator.LabelRows(
+        f=torch.tensor([[-1.0, -2.0], [-3.0, -2.0], [-3.0, -1.0]]),
+        G=torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]),
+        gold=torch.tensor([0, 0, 1]), task_of_class=torch.tensor([0, 0]))
+    W = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # the second w flips row 1 to its gold label
+    scores = estimator.linearised_scores(W, torch.zeros(3, 2), torch.zeros(3), labels)
+    assert scores.accuracy.tolist() == pytest.approx([2 / 3, 1.0])
+    expected = f1_score([0, 0, 1], [0, 1, 1], average="macro")
+    assert scores.macro_f1.tolist() == pytest.approx([expected, 1.0])
 
 
 def test_bad_fits_are_clear_errors():
@@ -239,3 +253,108 @@ def test_lm_objective_adapts_to_raw_texts(tmp_path, ray_session):
     first, second = report["history"]
     assert second["val_loss"] < first["val_loss"]  # in-domain text gets likelier
     assert report["best"]["epoch"] == 1
+
+
+def _anchor_store(tmp_path, rows: int = 16):
+    """A gradient store's config and factor record plus the features of `rows` suite rows, built
+    in-process (no Ray): what `sift featurize grads` would write, for a fresh tiny-Llama LoRA."""
+    from engine.config import GradsConfig, LoraSpec
+    from engine.data import suite
+    from engine.features.grads import GradFeaturizer
+
+    cfg = GradsConfig(model="tiny-llama", out=tmp_path, dim=32, max_length=48,
+                      lora=LoraSpec(r=4, target_modules=["q_proj", "v_proj"]))
+    (tmp_path / "config.json").write_text(cfg.model_dump_json())
+    frame = suite.build(per_task=rows, validation=0.25, tasks=["wordnet-animal-plant"])
+    featurized = GradFeaturizer(cfg, threads=1)(frame)
+    return frame, featurized
+
+
+def test_lifting_only_factors_with_a_gradient_keeps_the_update_first_order():
+    """Defect: at a fresh LoRA (B = 0) the gradient w.r.t. lora_A is zero, yet P w was added to
+    lora_A too; its second-order Delta B Delta A change made the first-order estimate no better than
+    no update at all (one 64x64 layer, rank 8: mean r^2 0.30 with the gradient term vs 0.30
+    without at |P w| = 3). Projecting and lifting only the factors with a gradient: 0.02 vs 0.33."""
+    from peft import LoraConfig, get_peft_model
+
+    from engine.features.grads import live_factors
+    from engine.features.projection import Projector
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)),
+                           LoraConfig(r=8, lora_alpha=8, target_modules=["0"]))
+    x, u = torch.randn(32, 64), torch.randn(64) / 8
+    params = dict(model.named_parameters())
+
+    def f(rows):
+        return (torch.tanh(model(rows)) * u).sum(-1)
+
+    live = live_factors(model)
+    assert len(live) == 1 and ".lora_B." in live[0]
+    projector = Projector({n: params[n].numel() for n in live}, 16, seed=0)
+    per_example = [torch.autograd.grad(f(x[i:i + 1])[0], [params[n] for n in live]) for i in range(len(x))]
+    G = projector.project({n: torch.stack([g[k].flatten() for g in per_example]) for k, n in enumerate(live)})
+    f_star = f(x).detach()
+    direction = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    for size in (0.3, 3.0):
+        w = direction * size / torch.cat(list(projector.lift(direction).values())).norm()
+        with torch.no_grad():
+            for name, delta in projector.lift(w).items():
+                params[name].add_(delta.view_as(params[name]))
+            f_real = f(x)
+            for name, value in theta.items():
+                params[name].copy_(value)
+        denominator = torch.maximum(f_real.abs(), f_star.abs())
+        with_gradient = float((((f_star + G @ w - f_real) / denominator) ** 2).mean())
+        without = float((((f_star - f_real) / denominator) ** 2).mean())
+        assert with_gradient < 0.1 * without, (size, with_gradient, without)
+
+
+def test_the_store_records_its_factors_and_the_anchor_lifts_only_those(tmp_path):
+    """featurize grads at a fresh tiny-Llama LoRA projects the lora_B factors only and says so in
+    parameters.json; Anchor.load moves exactly those, and the first-order model holds there."""
+    import json
+
+    import polars as pl
+
+    from engine.models.anchor import Anchor
+
+    frame, featurized = _anchor_store(tmp_path)
+    record = json.loads((tmp_path / "parameters.json").read_text())
+    assert record["projected"] and all(".lora_B." in n for n in record["projected"])
+    assert sorted(n.replace(".lora_A.", ".lora_B.") for n in record["fixed"]) == sorted(record["projected"])
+    G = torch.tensor(featurized.vectors, dtype=torch.float64)
+    f = torch.tensor(featurized.rows["f"].to_numpy(), dtype=torch.float64)
+    w = estimator.fit_subsets(G, f, torch.ones(1, len(f), dtype=torch.bool), lam=1e-2).w[0]
+    anchor = Anchor(tmp_path)
+    encoded = anchor.encode(frame.filter(pl.col("id").is_in(featurized.rows["id"].to_list())))
+    a_norm = sum(float(p.norm() ** 2) for n, p in anchor.lora.items() if ".lora_A." in n) ** 0.5
+    w = w * 0.1 * a_norm / anchor.load(w)  # a small update: a tenth of the anchor's A factors
+    assert anchor.load(w) == pytest.approx(0.1 * a_norm, rel=1e-4)
+    assert all(torch.equal(anchor.lora[n], anchor.theta[n]) for n in record["fixed"])
+    assert not any(torch.equal(anchor.lora[n], anchor.theta[n]) for n in record["projected"])
+    f_real = anchor.scores(encoded).double()
+    denominator = torch.maximum(f_real.abs(), f.abs())
+    with_gradient = float((((f + G @ w - f_real) / denominator) ** 2).mean())
+    without = float((((f - f_real) / denominator) ** 2).mean())
+    assert with_gradient < 0.3 * without, (with_gradient, without)
+    anchor.reset()
+    assert torch.allclose(anchor.scores(encoded).double(), f, atol=1e-5)
+
+
+def test_a_store_from_another_anchor_is_refused(tmp_path):
+    import json
+
+    from engine.models.anchor import Anchor
+
+    _anchor_store(tmp_path, rows=8)
+    path = tmp_path / "parameters.json"
+    record = json.loads(path.read_text())
+    record["projected"].update({name: 1 for name in record["fixed"]})  # as if every factor had been projected
+    path.write_text(json.dumps({**record, "fixed": []}))
+    with pytest.raises(SiftError, match="the store projected .* rebuild the store"):
+        Anchor(tmp_path)
+    path.unlink()
+    with pytest.raises(SiftError, match="no parameters.json"):
+        Anchor(tmp_path)

@@ -49,3 +49,11 @@ def test_entries_are_rademacher_and_norms_roughly_kept():
     full = torch.cat([grads[n] for n in SIZES], dim=1).norm(dim=1)
     ratio = proj.project(grads).norm(dim=1) / full
     assert ((ratio - 1).abs() < 0.2).all(), ratio
+
+
+def test_gram_gives_the_lifted_norm():
+    proj = Projector(SIZES, 16, seed=2)
+    W = torch.randn(3, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lifted = [torch.cat(list(proj.lift(w).values())).double().norm() for w in W]
+    via_gram = ((W @ proj.gram()) * W).sum(1).sqrt()
+    assert torch.allclose(via_gram, torch.stack(lifted), rtol=1e-5)

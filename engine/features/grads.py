@@ -4,14 +4,25 @@ The anchor is the base model with a freshly initialised, seeded LoRA (or a given
 folder). For every example: f* (the answer score at the anchor) and P^T grad f, with P the
 seeded block-wise Rademacher projection. See engine/features/per_example.py for how the
 per-example gradients come out of one batched backward.
+
+Only the LoRA factors whose gradient can be non-zero at the anchor are projected (and later
+lifted): at a fresh LoRA every lora_B is zero, so the gradient w.r.t. lora_A (B^T dy x^T) is
+exactly zero, and moving A by P w would add a second-order Delta B Delta A change the linear
+model cannot see. The store records which factors those are (parameters.json), and every later
+stage that lifts a solution (the Anchor: forward scoring, calibration, boosting) checks it has
+the same ones.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
+from engine import storage
 from engine.config import GradsConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
@@ -20,6 +31,9 @@ from engine.features.per_example import METHODS, AnswerScore
 from engine.features.projection import Projector
 from engine.features.store import FeatureStore, StoreSpec
 from engine.models import builtin, load, lora
+
+PARAMETERS = "parameters.json"
+PARTNERS = {".lora_A.": ".lora_B.", ".lora_B.": ".lora_A."}
 
 
 def anchor_model(cfg: GradsConfig):
@@ -39,6 +53,55 @@ def anchor_model(cfg: GradsConfig):
     return load.load_tokenizer(path, cfg.trust_remote_code), model.eval()
 
 
+def live_factors(model) -> list[str]:
+    """The trainable LoRA factors whose gradient can be non-zero here: those whose partner factor
+    (lora_B for a lora_A and vice versa) holds a non-zero entry. The gradient of y = B A x is
+    B^T dy x^T for A and dy (A x)^T for B, so a zero partner makes it exactly zero."""
+    params = dict(model.named_parameters())
+    live = []
+    for name, param in params.items():
+        if not param.requires_grad:
+            continue
+        key = next((k for k in PARTNERS if k in name), None)
+        if key is None:
+            raise SiftError(f"trainable parameter {name} is not a LoRA factor (lora_A / lora_B)")
+        partner = params[name.replace(key, PARTNERS[key])]
+        if bool((partner != 0).any()):
+            live.append(name)
+    if not live:
+        raise SiftError("every LoRA factor is zero at the anchor: no gradient to take")
+    return live
+
+
+@dataclass
+class Factors:
+    """What parameters.json records: the projected factors and their sizes, the factors held at
+    the anchor, and the norm of the anchor's whole adapter (the scale of the norm rescaling)."""
+
+    projected: dict[str, int]  # name -> numel, in projection order
+    fixed: list[str]
+    anchor_norm: float
+
+    @classmethod
+    def read(cls, store: str | Path) -> "Factors":
+        path = storage.join(store, PARAMETERS)
+        if not storage.is_file(path):
+            raise SiftError(f"{store}: no {PARAMETERS} (which LoRA factors were projected); rebuild the store "
+                            "with this version of `sift featurize grads`")
+        return cls(**storage.read_json(path))
+
+    def record(self, store: str | Path) -> None:
+        """Write the record, or check that an existing one names the same projected factors."""
+        path = storage.join(store, PARAMETERS)
+        if storage.is_file(path):
+            recorded = Factors.read(store).projected
+            if list(recorded) != list(self.projected):
+                raise SiftError(f"{path}: the store projected {len(recorded)} LoRA factors, this anchor has "
+                                f"{len(self.projected)} with a gradient; rebuild the store with `sift featurize grads`")
+            return
+        storage.write_json(path, asdict(self))  # atomic: concurrent actors write the same record
+
+
 def encode_row(tokenizer, cfg, row: dict) -> answers.Encoded | str:
     """A row's prompt + answer ids from cfg.prompt / cfg.answer / cfg.max_length, or a reason."""
     if row.get("label") is None and "{label}" in cfg.answer:
@@ -56,8 +119,18 @@ class GradFeaturizer:
             model = model.to(self.device)
         self.score = AnswerScore(model)
         self.method = METHODS[cfg.method]
-        sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-        self.projector = Projector(sizes, cfg.dim, cfg.seed, cfg.projection_cache_mb, self.device)
+        # Factors with no gradient at the anchor are frozen: they are neither projected nor lifted.
+        live = live_factors(model)
+        lora_factors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.factors = Factors(
+            projected={n: p.numel() for n, p in lora_factors.items() if n in live},
+            fixed=[n for n in lora_factors if n not in live],
+            anchor_norm=float(sum(p.detach().float().norm() ** 2 for p in lora_factors.values()) ** 0.5))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in live)
+        if cfg.out is not None:
+            self.factors.record(cfg.out)
+        self.projector = Projector(self.factors.projected, cfg.dim, cfg.seed, cfg.projection_cache_mb, self.device)
 
     def encode(self, row: dict) -> answers.Encoded | str:
         return encode_row(self.tokenizer, self.cfg, row)
@@ -96,6 +169,7 @@ def spec_for(cfg: GradsConfig):
             "config": runner.config_fingerprint(
                 cfg, exclude={"model", "adapter", "batch_size", "method", "projection_cache_mb", "shard_rows"}),
             "data": runner.data_fingerprint(examples),
+            "projected": "LoRA factors with a non-zero partner",  # stores that lifted every factor are stale
         },
         dim=cfg.dim, dtype=cfg.dtype, seed=cfg.seed, rows=rows, shard_rows=cfg.shard_rows,
     )

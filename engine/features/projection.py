@@ -6,7 +6,7 @@ machine, whatever the sharding, batch size or set of other parameters; and a wor
 holds the blocks of the parameters it projects (cached up to a memory budget).
 
 `project(g) = P^T g` maps gradients to d dims; `lift(w) = P w` maps a solution back to
-parameter space, with <P^T g, w> = <g, P w> exactly.
+parameter space, with <P^T g, w> = <g, P w> exactly; `gram()` = P^T P gives |P w| without lifting.
 """
 
 from __future__ import annotations
@@ -67,6 +67,14 @@ class Projector:
         """A d-dim solution -> parameter space {name: (numel,)} = P w."""
         w = w.to(self.device, torch.float32)
         return {name: (self.block(name) @ w) * self.scale for name in self.sizes}
+
+    def gram(self) -> torch.Tensor:
+        """P^T P (d, d), float64, block by block: |P w|^2 = w^T (P^T P) w for many w at once."""
+        out = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for name in self.sizes:
+            block = self.block(name).double().cpu()
+            out += block.T @ block
+        return out * self.scale ** 2
 
 
 def _chunk_seed(seed: int, name: str, chunk: int) -> int:

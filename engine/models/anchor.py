@@ -1,7 +1,10 @@
 """The model a gradient store was taken at, rebuilt from the store's config.
 
 Lets later stages evaluate theta* + P w for real: load a projected solution w into the LoRA
-weights, score examples with the same answer function f, and go back to theta*.
+weights, score examples with the same answer function f, and go back to theta*. Only the
+factors the store projected (parameters.json: those with a gradient at the anchor) are moved;
+the others stay at theta*, exactly as the first-order model assumes. Boosting adapters, forward
+scoring and calibration all lift through `load`, never through the projector directly.
 """
 
 from __future__ import annotations
@@ -11,21 +14,26 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from engine import storage
 from engine.config import GradsConfig
 from engine.errors import SiftError
 from engine.features import answers, objective
-from engine.features.grads import GradFeaturizer
+from engine.features.grads import Factors, GradFeaturizer
 
 
 class Anchor:
     def __init__(self, grads: str | Path, threads: int | None = None):
-        path = Path(grads) / "config.json"
-        if not path.is_file():
+        path = storage.join(grads, "config.json")
+        if not storage.is_file(path):
             raise SiftError(f"{grads}: no config.json; rebuild the store with this version of `sift featurize grads`")
-        self.featurizer = GradFeaturizer(GradsConfig.model_validate_json(path.read_text()),
+        Factors.read(grads)  # a store from before the record is refused, not lifted onto every factor
+        # The featurizer checks its own live factors against the store's record.
+        self.featurizer = GradFeaturizer(GradsConfig.model_validate_json(storage.read_text(path)),
                                          threads=threads or torch.get_num_threads())
-        self.params = {n: p for n, p in self.featurizer.score.model.named_parameters() if p.requires_grad}
-        self.theta = {n: p.detach().clone() for n, p in self.params.items()}
+        model = self.featurizer.score.model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        self.theta = {n: p.detach().clone() for n, p in self.lora.items()}
 
     def encode(self, frame: pl.DataFrame) -> list[answers.Encoded]:
         """Token ids of every row that has an answer (rows without one are skipped)."""
@@ -40,17 +48,22 @@ class Anchor:
         return objective.score(self.featurizer.score, encoded, self.pad, batch)
 
     def load(self, w: torch.Tensor) -> float:
-        """Set the LoRA weights to theta* + P w; returns |P w|."""
+        """Set the LoRA weights to theta* + P w (projected factors only); returns |P w|."""
         lifted = self.featurizer.projector.lift(w.float())
+        self.reset()
         with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(self.theta[name] + lifted[name].view_as(p))
+            for name, delta in lifted.items():
+                self.params[name].add_(delta.view_as(self.params[name]))
         return float(sum(v.norm() ** 2 for v in lifted.values()) ** 0.5)
 
     def reset(self) -> None:
+        """Every LoRA factor back to theta*."""
         with torch.no_grad():
-            for name, p in self.params.items():
+            for name, p in self.lora.items():
                 p.copy_(self.theta[name])
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return list(self.params.values())
+        """Every LoRA factor, made trainable: a real fine-tune moves A and B alike."""
+        for p in self.lora.values():
+            p.requires_grad_(True)
+        return list(self.lora.values())

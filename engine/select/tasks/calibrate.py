@@ -1,17 +1,26 @@
 """`sift estimate --calibrate`: the estimator checked against the model it approximates.
 
 (a) Approximation error: for w fitted on a subset and update sizes c, load theta* + P(c w) into
-    the anchor model and compare the real outputs f_i with the first-order f*_i + c g_i . w:
-    r_i = |f*_i + c g_i.w - f_i| / max(|f_i|, |f*_i|), with and without the gradient term.
-(b) Real fine-tunes: random subsets are fine-tuned for real (LoRA from the anchor, CE on the
-    answer tokens, which is softplus(-f) for one-token answers) as parallel Ray Tune trials, and
-    their target validation loss is compared with the estimate: relative error, Spearman, time.
+    the anchor model (the store's projected factors only) and compare the real outputs f_i with
+    the first-order f*_i + c g_i . w: r_i = |f*_i + c g_i.w - f_i| / max(|f_i|, |f*_i|), with and
+    without the gradient term.
+(b) Real fine-tunes: random subsets are fine-tuned for real as parallel Ray Tune trials: LoRA from
+    the anchor, cross-entropy on the answer tokens (the training loss of every sift fine-tune), on
+    exactly the training rows the estimator fitted. Each records the target loss every
+    `eval_every` steps (calibration.json and the right panel of calibration.png show the curves,
+    so a run whose fine-tunes do not lower the target loss is seen at once). The loss compared with
+    the estimate is the estimator's own: softplus(-f) of the gold answer on the target's
+    validation rows; accuracy and macro-F1 are the argmax over the task's labels, for the
+    estimate and the fine-tunes alike.
+(c) A constant predictor ("every subset = the anchor's loss") beside the estimator: a relative
+    error it reaches too says little, and is called out.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +32,64 @@ from engine.config import CalibrateConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features import objective
-from engine.features.store import FeatureStore
-from engine.select.tasks import subsets
 from engine.models.anchor import Anchor
-from engine.select.tasks.estimator import fit_subsets
+from engine.select.tasks import subsets
 
 
-def approximation_error(cfg: CalibrateConfig, examples: pl.DataFrame, store_rows: pl.DataFrame,
-                        w: torch.Tensor) -> list[dict]:
-    anchor = Anchor(cfg.grads)
-    target_rows = store_rows.join(examples.select("id", "text", "split"), on="id") \
-        .filter(pl.col("task").is_in(cfg.target) & (pl.col("split") == "validation")).head(cfg.eval_rows)
-    vectors = FeatureStore(cfg.grads).vectors()[target_rows["row"].to_numpy()]
-    encoded = anchor.encode(target_rows)
-    if len(encoded) != target_rows.height:  # stored rows were encodable when featurized
-        raise AssertionError("stored rows no longer encode; was the store built with another tokenizer?")
-    g = torch.tensor(vectors, dtype=torch.float64)
-    f_star = torch.tensor(target_rows["f"].to_numpy(), dtype=torch.float64)
+@dataclass
+class Approximation:
+    scale: float
+    update_norm: float  # |P c w| in parameter space
+    mean_r2: float
+    mean_r2_without_gradient: float
+    rows: int
+
+
+@dataclass
+class FineTune:
+    """One real fine-tune: the target quality at its end and its target-loss curve."""
+
+    loss: float  # softplus(-f) of the gold answer, target validation rows
+    accuracy: float
+    macro_f1: float
+    curve_steps: list[int]
+    curve_target_loss: list[float]
+    train_loss: list[float]  # every optimizer step's cross-entropy
+    train_rows: int
+    seconds: float
+
+
+@dataclass
+class Calibration:
+    target: list[str]
+    subsets: list[list[str]]
+    estimated_loss: list[float]
+    estimated_accuracy: list[float]
+    estimated_macro_f1: list[float]
+    real_loss: list[float]
+    real_accuracy: list[float]
+    real_macro_f1: list[float]
+    mean_squared_relative_error: float
+    spearman: float | None
+    anchor_loss: float  # the constant predictor: every subset = the anchor's target loss
+    constant_mean_squared_relative_error: float
+    constant_as_good: bool  # the constant's relative error is at most the estimator's
+    real_loss_spread: float  # max - min of the real losses: how much the subsets differ at all
+    fine_tunes_lowering_target_loss: int  # curves whose last point is below their first
+    curves: list[dict]
+    approximation: list[Approximation]
+    lifted_factors: int
+    estimate_seconds: float
+    label_rows_seconds: float
+    real_fine_tune_seconds: float
+    time_ratio: float
+    warnings: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def approximation_error(cfg: CalibrateConfig, anchor: Anchor, g: torch.Tensor, f_star: torch.Tensor,
+                        encoded: list, w: torch.Tensor) -> list[Approximation]:
+    """Mean r_i^2 at each update scale, with and without the gradient term; the anchor is reset after."""
     out = []
     for scale in cfg.scales:
         norm = anchor.load(w * scale)
@@ -48,14 +98,13 @@ def approximation_error(cfg: CalibrateConfig, examples: pl.DataFrame, store_rows
         denominator = torch.maximum(f_real.abs(), f_star.abs()).clamp_min(1e-12)
         r = (linear - f_real).abs() / denominator
         r0 = (f_star - f_real).abs() / denominator
-        out.append({"scale": scale, "update_norm": norm, "mean_r2": float((r ** 2).mean()),
-                    "mean_r2_without_gradient": float((r0 ** 2).mean()), "rows": len(encoded)})
+        out.append(Approximation(scale, norm, float((r ** 2).mean()), float((r0 ** 2).mean()), len(encoded)))
     anchor.reset()
     return out
 
 
 def fine_tune(trial: dict) -> None:
-    """Ray Tune trial: LoRA fine-tune from the anchor on one subset; report the target loss."""
+    """Ray Tune trial: LoRA fine-tune from the anchor on one subset's rows; report a FineTune."""
     from ray import tune
 
     trial = {**trial, **trial["trial"]}  # the grid-searched part, flattened (never mutate Tune's config)
@@ -63,19 +112,31 @@ def fine_tune(trial: dict) -> None:
     torch.manual_seed(trial["seed"])
     anchor = Anchor(Path(trial["grads"]), threads=1)
     examples = pl.read_parquet(trial["examples"])
-    train = anchor.encode(examples.filter(pl.col("task").is_in(trial["tasks"]) & (pl.col("split") == "train")))
-    evaluation = anchor.encode(examples.filter(pl.col("task").is_in(trial["target"])
-                                               & (pl.col("split") == "validation")))
+    train = anchor.encode(examples.filter(pl.col("id").is_in(trial["train_ids"])))
+    rows = examples.filter(pl.col("id").is_in(trial["eval_ids"]))
+    evaluation = anchor.encode(rows)
+    module = anchor.featurizer.score
     optimizer = torch.optim.AdamW(anchor.trainable(), lr=trial["lr"], weight_decay=0.0)
+    rng = np.random.default_rng(trial["seed"])
+
+    def target_loss() -> float:
+        return float(torch.nn.functional.softplus(-anchor.scores(evaluation)).mean())
+
     started = time.perf_counter()
-    objective.train_steps(anchor.featurizer.score, optimizer, train, trial["steps"], trial["batch_size"], anchor.pad,
-                          np.random.default_rng(trial["seed"]))
-    f = anchor.scores(evaluation)
-    tune.report({"loss": float(torch.nn.functional.softplus(-f).mean()), "accuracy": float((f > 0).float().mean()),
-                 "train_seconds": time.perf_counter() - started})
+    steps, curve, losses = [0], [target_loss()], []
+    while steps[-1] < trial["steps"]:
+        k = min(trial["eval_every"], trial["steps"] - steps[-1])
+        losses += objective.train_steps(module, optimizer, train, k, trial["batch_size"], anchor.pad, rng)
+        steps.append(steps[-1] + k)
+        curve.append(target_loss())
+    accuracy, macro_f1 = subsets.forward_label_metrics(anchor, rows, trial["labels"])
+    result = FineTune(curve[-1], accuracy, macro_f1, steps, curve, losses, len(train),
+                      time.perf_counter() - started)
+    tune.report({"result": json.dumps(asdict(result))})
 
 
 def calibrate(cfg: CalibrateConfig) -> dict:
+    """calibration.json + calibration.png under cfg.out; returns the Calibration as a dict."""
     if cfg.out is None or cfg.data is None or cfg.grads is None or not cfg.target:
         raise SiftError("estimate --calibrate needs --data, --grads, --target and --out")
     out = Path(cfg.out).resolve()
@@ -83,45 +144,77 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     data = subsets.load(cfg.grads, cfg.data, seed=cfg.seed, dtype=torch.float64)
     candidates = [t for t in data.tasks if t not in cfg.target]
     chosen = subsets.random_subsets(len(candidates), cfg.subsets, cfg.ratio, cfg.seed)
-    started = time.perf_counter()
-    est = subsets.estimate(data, cfg.target, chosen, candidates, lam=cfg.lam)
-    estimate_s = time.perf_counter() - started
-
     data_path = examples_path(cfg.data)
     examples = pl.read_parquet(data_path)
-    store_rows = FeatureStore(cfg.grads).rows().with_row_index("row")
-    fit = fit_subsets(data.G, data.f, subsets.fit_masks(data, cfg.target, chosen[:1], candidates), lam=cfg.lam)
-    approximation = approximation_error(cfg, examples, store_rows, fit.w[0])
+    evaluation = torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in cfg.target])) & ~data.train
+    rows = subsets.target_rows(data, examples, cfg.target)
+    labels = subsets.label_sets(examples, cfg.target)
+    fitting = subsets.fitting(cfg.grads, cfg.lam, cfg.fit)
 
-    real, real_s = _real_fine_tunes(cfg, chosen, candidates, data_path.resolve(), out)
-    estimated = est.loss
-    relative = float(np.mean((real - estimated) ** 2 / real ** 2))
+    anchor = Anchor(cfg.grads)
+    started = time.perf_counter()
+    label_rows = subsets.label_rows(anchor, rows, labels)
+    label_rows_s = time.perf_counter() - started
+    started = time.perf_counter()
+    est = subsets.estimate(data, cfg.target, chosen, candidates, lam=fitting, labels=label_rows)
+    estimate_s = time.perf_counter() - started
+
+    first = np.flatnonzero(evaluation.numpy())[:cfg.eval_rows]  # the first rows of `rows`, in the same order
+    encoded = anchor.encode(rows.head(cfg.eval_rows))
+    if len(encoded) != len(first):  # stored rows were encodable when featurized
+        raise AssertionError("stored rows no longer encode; was the store built with another tokenizer?")
+    w = subsets.fit_weights(data, cfg.target, chosen[:1], candidates, fitting)[0]
+    approximation = approximation_error(cfg, anchor, data.G[first], data.f[first], encoded, w)
+
+    masks = subsets.fit_masks(data, cfg.target, chosen, candidates)
+    train_ids = [[i for i, m in zip(data.ids, row.tolist()) if m] for row in masks]
+    runs, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels, data_path.resolve(), out)
+    real = np.array([r.loss for r in runs])
+    anchor_loss = float(torch.nn.functional.softplus(-data.f[evaluation]).mean())
+    relative = float(np.mean((real - est.loss) ** 2 / real ** 2))
+    constant = float(np.mean((real - anchor_loss) ** 2 / real ** 2))
     from scipy.stats import spearmanr
 
-    report = {
-        "target": cfg.target, "subsets": [[c for c, on in zip(candidates, row) if on] for row in chosen],
-        "estimated_loss": estimated.tolist(), "real_loss": real.tolist(),
-        "mean_squared_relative_error": relative,
-        "spearman": float(spearmanr(estimated, real).statistic) if len(real) > 2 else None,
-        "estimate_seconds": round(estimate_s, 3), "real_fine_tune_seconds": round(real_s, 1),
-        "time_ratio": round(real_s / max(estimate_s, 1e-9), 1),
-        "approximation": approximation, "config": cfg.model_dump(mode="json"),
-    }
-    (out / "calibration.json").write_text(json.dumps(report, indent=2))
-    _plot(estimated, real, out / "calibration.png")
-    return report
+    lowering = sum(r.curve_target_loss[-1] < r.curve_target_loss[0] for r in runs)
+    warnings = []
+    if lowering < len(runs):
+        warnings.append(f"{len(runs) - lowering} of {len(runs)} real fine-tunes did not lower the target loss: "
+                        "try another lr or more steps")
+    if constant <= relative:
+        warnings.append(f"a constant (the anchor's loss {anchor_loss:.4f}) reaches a relative error of "
+                        f"{constant:.4f}, at most the estimator's {relative:.4f}")
+    report = Calibration(
+        target=cfg.target, subsets=[[c for c, on in zip(candidates, row) if on] for row in chosen],
+        estimated_loss=est.loss.tolist(), estimated_accuracy=est.accuracy.tolist(),
+        estimated_macro_f1=est.macro_f1.tolist(), real_loss=real.tolist(),
+        real_accuracy=[r.accuracy for r in runs], real_macro_f1=[r.macro_f1 for r in runs],
+        mean_squared_relative_error=relative,
+        spearman=float(spearmanr(est.loss, real).statistic) if len(real) > 2 else None,
+        anchor_loss=anchor_loss, constant_mean_squared_relative_error=constant, constant_as_good=constant <= relative,
+        real_loss_spread=float(real.max() - real.min()), fine_tunes_lowering_target_loss=lowering,
+        curves=[{"steps": r.curve_steps, "target_loss": r.curve_target_loss, "train_loss": r.train_loss,
+                 "train_rows": r.train_rows, "seconds": round(r.seconds, 1)} for r in runs],
+        approximation=approximation, lifted_factors=len(anchor.params),
+        estimate_seconds=round(estimate_s, 3), label_rows_seconds=round(label_rows_s, 2),
+        real_fine_tune_seconds=round(real_s, 1), time_ratio=round(real_s / max(estimate_s, 1e-9), 1),
+        warnings=warnings, config=cfg.model_dump(mode="json"),
+    )
+    result = asdict(report)
+    (out / "calibration.json").write_text(json.dumps(result, indent=2))
+    _plot(report, out / "calibration.png")
+    return result
 
 
-def _real_fine_tunes(cfg: CalibrateConfig, chosen: np.ndarray, candidates: list[str], examples: Path,
-                     out: Path) -> tuple[np.ndarray, float]:
+def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids: list[str],
+                     labels: dict[str, list[str]], examples: Path, out: Path) -> tuple[list[FineTune], float]:
     from ray import tune
 
     info = runtime.start(cfg.runtime)
     concurrent = max(1, int(info.cpus))  # one CPU and one torch thread per trial
-    trials = [{"tasks": [*cfg.target, *[c for c, on in zip(candidates, row) if on]], "index": i}
-              for i, row in enumerate(chosen)]
-    fixed = {"grads": str(Path(cfg.grads).resolve()), "examples": str(examples), "target": cfg.target,
-             "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    trials = [{"train_ids": ids, "index": i} for i, ids in enumerate(train_ids)]
+    fixed = {"grads": str(Path(cfg.grads).resolve()), "examples": str(examples), "eval_ids": eval_ids,
+             "labels": labels, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
+             "eval_every": cfg.eval_every, "seed": cfg.seed}
     tuner = tune.Tuner(
         tune.with_resources(fine_tune, {"cpu": 1}),
         param_space={**fixed, "trial": tune.grid_search(trials)},
@@ -131,27 +224,38 @@ def _real_fine_tunes(cfg: CalibrateConfig, chosen: np.ndarray, candidates: list[
     started = time.perf_counter()
     results = tuner.fit()
     elapsed = time.perf_counter() - started
-    losses = np.full(len(trials), np.nan)
+    runs: list[FineTune | None] = [None] * len(trials)
     for result in results:
         if result.error:
             raise SiftError(f"a calibration fine-tune failed: {str(result.error).splitlines()[0]}")
-        losses[result.config["trial"]["index"]] = result.metrics["loss"]
-    return losses, elapsed
+        runs[result.config["trial"]["index"]] = FineTune(**json.loads(result.metrics["result"]))
+    return runs, elapsed
 
 
-def _plot(estimated: np.ndarray, real: np.ndarray, path: Path) -> None:
+def _plot(report: Calibration, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(real, estimated)
-    low, high = min(real.min(), estimated.min()), max(real.max(), estimated.max())
+    estimated, real = np.array(report.estimated_loss), np.array(report.real_loss)
+    fig, (ax, curves) = plt.subplots(1, 2, figsize=(11, 5))
+    ax.scatter(real, estimated, label="first-order estimate")
+    ax.scatter(real, np.full_like(real, report.anchor_loss), marker="x", color="#999999",
+               label="constant: the anchor's loss")
+    low = min(real.min(), estimated.min(), report.anchor_loss)
+    high = max(real.max(), estimated.max(), report.anchor_loss)
     ax.plot([low, high], [low, high], color="#999999", linewidth=0.8)
     ax.set_xlabel("target loss after a real LoRA fine-tune")
-    ax.set_ylabel("estimated target loss (first-order)")
-    ax.set_title("estimator vs real fine-tuning, one dot per subset")
+    ax.set_ylabel("predicted target loss")
+    ax.set_title("one dot per subset")
+    ax.legend()
+    for k, curve in enumerate(report.curves):
+        line, = curves.plot(curve["steps"], curve["target_loss"], marker=".")
+        curves.axhline(report.estimated_loss[k], color=line.get_color(), linestyle=":", linewidth=0.8)
+    curves.set_xlabel("optimizer step")
+    curves.set_ylabel("target validation loss softplus(-f)")
+    curves.set_title("real fine-tunes (dotted: each subset's estimate)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -160,13 +264,25 @@ def _plot(estimated: np.ndarray, real: np.ndarray, path: Path) -> None:
 def show(report: dict) -> None:
     from engine.report import table
 
+    constant = report["constant_mean_squared_relative_error"]
     table("Estimator calibration", None, [
         ("subsets fine-tuned for real", len(report["real_loss"])),
-        ("mean squared relative error", f"{report['mean_squared_relative_error']:.4f}"),
-        ("Spearman (estimate vs real)", "n/a" if report["spearman"] is None else f"{report['spearman']:.3f}"),
+        ("fine-tunes that lowered the target loss", f"{report['fine_tunes_lowering_target_loss']} of "
+                                                    f"{len(report['real_loss'])}"),
+        ("mean squared relative error", f"{report['mean_squared_relative_error']:.4f}"
+                                        f" (constant predictor: {constant:.4f})"),
+        ("Spearman (estimate vs real)", ("n/a" if report["spearman"] is None else f"{report['spearman']:.3f}")
+         + " (a constant ranks nothing)"),
+        ("spread of the real losses", f"{report['real_loss_spread']:.4f}"),
+        ("accuracy: estimated / real (mean)", f"{np.mean(report['estimated_accuracy']):.3f} / "
+                                              f"{np.mean(report['real_accuracy']):.3f}"),
+        ("macro-F1: estimated / real (mean)", f"{np.mean(report['estimated_macro_f1']):.3f} / "
+                                              f"{np.mean(report['real_macro_f1']):.3f}"),
         ("time: estimator / real fine-tunes", f"{report['estimate_seconds']:.2f} s / {report['real_fine_tune_seconds']:.1f} s "
                                               f"({report['time_ratio']}x)"),
     ])
     table("First-order approximation error (mean r_i^2)", ["update scale", "|P w|", "with gradient", "without"],
           [(a["scale"], round(a["update_norm"], 4), f"{a['mean_r2']:.2e}", f"{a['mean_r2_without_gradient']:.2e}")
            for a in report["approximation"]])
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")

@@ -18,6 +18,7 @@ problem with f* = 0 and lambda = 1 / (2 C n), whose solution is rescaled to a gi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -142,6 +143,33 @@ def gradex_fit(G: torch.Tensor, masks: torch.Tensor, C: float = 1e-4, norm: floa
     return W
 
 
+@dataclass
+class Fitting:
+    """How a subset's w is fitted: the offset logistic model (`lam`), or the EMNLP code's GradEx
+    variant (f* = 0, sklearn's C); optionally every update rescaled to |P w| = update_norm x the
+    anchor adapter's norm (the EMNLP code used 0.02-0.5), which needs the store's P^T P."""
+
+    lam: float = 1e-3
+    method: Literal["logistic", "gradex"] = "logistic"
+    gradex_c: float = 1e-4
+    update_norm: float | None = None
+    gram: torch.Tensor | None = None  # P^T P (d, d)
+    anchor_norm: float | None = None
+
+    def solve(self, G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(S, d) w for masks (S, n) of training rows."""
+        if self.method == "gradex":
+            W = gradex_fit(G, masks, C=self.gradex_c)
+        else:
+            W = fit_subsets(G, f, masks, lam=self.lam).w
+        if self.update_norm is None:
+            return W
+        if self.gram is None or self.anchor_norm is None:
+            raise SiftError("update_norm needs the gradient store's projection (P^T P) and anchor norm")
+        lifted = ((W @ self.gram.to(W.dtype)) * W).sum(1).clamp_min(0).sqrt()
+        return W * (self.update_norm * self.anchor_norm / lifted.clamp_min(1e-300))[:, None]
+
+
 def gradex_reference(G: np.ndarray, mask: np.ndarray, C: float = 1e-4, seed: int = 0) -> np.ndarray:
     """sklearn's LogisticRegression on sign-flipped rows, as the EMNLP code did."""
     from sklearn.linear_model import LogisticRegression
@@ -153,12 +181,52 @@ def gradex_reference(G: np.ndarray, mask: np.ndarray, C: float = 1e-4, seed: int
 
 
 @dataclass
+class LabelRows:
+    """Evaluation rows scored against every label of their task, for accuracy by argmax over the
+    label set: the anchor's output f*_{i,c} with class c's label as the answer, and its projected
+    gradient. Classes are (task, label) pairs; a row's columns outside its task are -inf."""
+
+    f: torch.Tensor  # (n, C)
+    G: torch.Tensor  # (n, C, d)
+    gold: torch.Tensor  # (n,) column of the row's gold label
+    task_of_class: torch.Tensor  # (C,) index of each class's task
+
+
+@dataclass
 class Scores:
-    loss: torch.Tensor  # (S,) mean logistic loss on the evaluation rows
-    accuracy: torch.Tensor  # (S,) share of evaluation rows with p(gold) > 1/2, i.e. f > 0
+    loss: torch.Tensor  # (S,) mean logistic loss softplus(-f) of the gold answer on the evaluation rows
+    accuracy: torch.Tensor | None  # (S,) argmax over the task's labels is the gold one (None: no LabelRows)
+    macro_f1: torch.Tensor | None  # (S,) per task, the mean F1 over its labels; then the mean over tasks
 
 
-def linearised_scores(W: torch.Tensor, G_eval: torch.Tensor, f_eval: torch.Tensor) -> Scores:
-    """Quality of each fitted w on evaluation rows, from f*_val + g_val . w alone."""
+def linearised_scores(W: torch.Tensor, G_eval: torch.Tensor, f_eval: torch.Tensor,
+                      labels: LabelRows | None = None) -> Scores:
+    """Quality of each fitted w on evaluation rows, from f*_val + g_val . w alone (per label too)."""
     z = f_eval + W @ G_eval.T
-    return Scores(torch.nn.functional.softplus(-z).mean(1), (z > 0).to(W.dtype).mean(1))
+    loss = torch.nn.functional.softplus(-z).mean(1)
+    if labels is None:
+        return Scores(loss, None, None)
+    per_label = labels.f + torch.einsum("ncd,sd->snc", labels.G.to(W.dtype), W)
+    accuracy, macro_f1 = label_metrics(per_label, labels.gold, labels.task_of_class)
+    return Scores(loss, accuracy, macro_f1)
+
+
+def label_metrics(scores: torch.Tensor, gold: torch.Tensor, task_of_class: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and macro-F1 of argmax predictions: scores (S, n, C), gold (n,) -> (S,), (S,).
+    Macro-F1 as sklearn's: per task, the mean F1 over the labels that occur as gold or predicted;
+    then the mean over tasks."""
+    classes = scores.shape[-1]
+    pred = scores.argmax(-1)  # (S, n)
+    accuracy = (pred == gold).to(scores.dtype).mean(1)
+    predicted = torch.nn.functional.one_hot(pred, classes).to(scores.dtype)  # (S, n, C)
+    actual = torch.nn.functional.one_hot(gold, classes).to(scores.dtype)  # (n, C)
+    tp = (predicted * actual).sum(1)
+    denominator = predicted.sum(1) + actual.sum(0)  # 2 tp + fp + fn
+    f1 = torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), torch.zeros_like(tp))
+    per_task = []
+    for t in task_of_class.unique():
+        members = task_of_class == t
+        present = (denominator[:, members] > 0).to(scores.dtype)
+        per_task.append((f1[:, members] * present).sum(1) / present.sum(1).clamp_min(1))
+    return accuracy, torch.stack(per_task).mean(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,32 @@ from engine.config import SelectTasksConfig
 from engine.errors import SiftError
 from engine.report import table
 from engine.select.tasks import subsets
+
+TARGET_ONLY_NA = "the target has no training rows (validation only): there is no target-only fine-tune to compare with"
+
+
+@dataclass
+class Estimate:
+    """One training set's target quality: estimated, and with eval=forward also scored by loading
+    theta* + P w. A baseline that does not exist for this target has only `not_applicable`."""
+
+    loss: float | None = None
+    accuracy: float | None = None  # argmax over the task's labels (docs/ALGORITHMS.md section 2, step 6)
+    macro_f1: float | None = None
+    forward_loss: float | None = None
+    forward_accuracy: float | None = None
+    forward_macro_f1: float | None = None
+    not_applicable: str | None = None
+
+
+def _baselines(data: subsets.TaskGradients, targets: list[str], candidates: list[str],
+               chosen: list[str]) -> dict[str, list[bool] | None]:
+    """The training sets reported side by side, as subsets of the candidates (the targets' own
+    training rows are in each): the selection, the target alone, all tasks. A target with
+    validation rows only has no "target only" fine-tune: None."""
+    return {"selected": [c in chosen for c in candidates],
+            "target only": [False] * len(candidates) if subsets.has_training_rows(data, targets) else None,
+            "all tasks": [True] * len(candidates)}
 
 
 def select_tasks(cfg: SelectTasksConfig) -> dict:
@@ -39,36 +66,52 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     candidates = [t for t in data.tasks if t not in cfg.target]
     if not candidates:
         raise SiftError("no candidate tasks besides the target")
+    fitting = subsets.fitting(cfg.grads, cfg.lam, cfg.fit)
+    # Accuracy is the argmax over each target task's labels: the target's validation rows are
+    # featurized once more against every label (the anchor model, a few seconds).
+    from engine.data.ingest import examples_path
+    from engine.models.anchor import Anchor
+
+    anchor = Anchor(cfg.grads)
+    examples = pl.read_parquet(examples_path(cfg.data))
+    rows, labels = subsets.target_rows(data, examples, cfg.target), subsets.label_sets(examples, cfg.target)
+    label_rows = subsets.label_rows(anchor, rows, labels)
     if cfg.search == "tune":
         from engine.select.tasks.tune import tune_subsets
 
-        est = tune_subsets(data, cfg.target, candidates, cfg.subsets, cfg.lam, out / "tune", cfg.seed, cfg.runtime)
+        est = tune_subsets(data, cfg.target, candidates, cfg.subsets, fitting, out / "tune", cfg.seed, cfg.runtime,
+                           labels=label_rows)
     else:
         sets = subsets.random_subsets(len(candidates), cfg.subsets, cfg.ratio, cfg.seed)
-        est = subsets.estimate(data, cfg.target, sets, candidates, lam=cfg.lam)
+        est = subsets.estimate(data, cfg.target, sets, candidates, lam=fitting, labels=label_rows)
     ensemble = subsets.random_ensemble(est)
     ridge = subsets.ridge_surrogate(est)
     order = [candidates[j] for j in np.argsort(ensemble, kind="stable")]
     if cfg.search == "forward":
-        chosen, trace = subsets.forward_selection(data, cfg.target, candidates, order, lam=cfg.lam)
+        chosen, trace = subsets.forward_selection(data, cfg.target, candidates, order, lam=fitting)
+    elif cfg.keep is not None:  # the reference's rule: the best share by random-ensemble score
+        top = set(order[:max(1, round(cfg.keep * len(candidates)))])
+        chosen, trace = [c for c in candidates if c in top], []
     else:
         chosen, trace = [c for c, score in zip(candidates, ensemble) if score <= 0], []
-    finals = np.array([[c in chosen for c in candidates], [False] * len(candidates), [True] * len(candidates)])
-    final = subsets.estimate(data, cfg.target, finals, candidates, lam=cfg.lam)
-
-    estimates = {name: {"loss": float(final.loss[i]), "accuracy": float(final.accuracy[i])}
-                 for i, name in enumerate(["selected", "target only", "all tasks"])}
+    finals = _baselines(data, cfg.target, candidates, chosen)
+    applicable = [name for name, s in finals.items() if s is not None]
+    final = subsets.estimate(data, cfg.target, np.array([finals[name] for name in applicable]), candidates,
+                             lam=fitting, labels=label_rows)
+    estimates = {name: Estimate(not_applicable=TARGET_ONLY_NA) for name in finals}
+    for k, name in enumerate(applicable):
+        estimates[name] = Estimate(float(final.loss[k]), float(final.accuracy[k]), float(final.macro_f1[k]))
     if cfg.eval == "forward":
-        _forward(cfg, data, candidates, finals, estimates)
+        _forward(cfg, anchor, data, rows, labels, candidates, finals, estimates, fitting)
 
     tasks = pl.DataFrame({"task": candidates, "ensemble_score": ensemble, "ridge_coef": ridge,
                           "selected": [c in chosen for c in candidates]}).sort("ensemble_score")
     tasks.write_parquet(out / "tasks.parquet")
     pl.DataFrame({"tasks": [[c for c, on in zip(candidates, row) if on] for row in est.subsets],
-                  "loss": est.loss, "accuracy": est.accuracy}).write_parquet(out / "subsets.parquet")
+                  "loss": est.loss, "accuracy": est.accuracy, "macro_f1": est.macro_f1}).write_parquet(out / "subsets.parquet")
     report = {
         "target": cfg.target, "search": cfg.search, "selected": chosen,
-        "estimates": estimates, "units": cfg.units, "clusters": mix,
+        "estimates": {name: asdict(e) for name, e in estimates.items()}, "units": cfg.units, "clusters": mix,
         "forward_trace": trace, "subsets": cfg.subsets, "seconds": round(time.perf_counter() - started, 3),
         "config": cfg.model_dump(mode="json"),
     }
@@ -77,24 +120,22 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     return report
 
 
-def _forward(cfg: SelectTasksConfig, data: subsets.TaskGradients, candidates: list[str], finals: np.ndarray,
-             estimates: dict) -> None:
-    """Score the final choices for real: theta* + P w loaded into the anchor model."""
+def _forward(cfg: SelectTasksConfig, anchor, data: subsets.TaskGradients, rows: pl.DataFrame,
+             labels: dict[str, list[str]], candidates: list[str], finals: dict[str, list[bool] | None],
+             estimates: dict[str, Estimate], fitting) -> None:
+    """Score the final choices for real: theta* + P w loaded into the anchor model (the store's
+    projected factors only), on the same target rows as the estimate."""
     import torch
 
-    from engine.data.ingest import examples_path
-    from engine.models.anchor import Anchor
-    from engine.select.tasks.estimator import fit_subsets
-
-    anchor = Anchor(cfg.grads)
-    examples = pl.read_parquet(examples_path(cfg.data))
-    evaluation = anchor.encode(examples.filter(pl.col("task").is_in(cfg.target) & (pl.col("split") == "validation")))
-    fit = fit_subsets(data.G, data.f, subsets.fit_masks(data, cfg.target, finals, candidates), lam=cfg.lam)
-    for w, name in zip(fit.w, estimates):
+    evaluation = anchor.encode(rows)
+    applicable = [name for name, s in finals.items() if s is not None]
+    W = subsets.fit_weights(data, cfg.target, np.array([finals[name] for name in applicable]), candidates, fitting)
+    for w, name in zip(W, applicable):
         anchor.load(w)
         f = anchor.scores(evaluation)
-        estimates[name]["forward_loss"] = float(torch.nn.functional.softplus(-f).mean())
-        estimates[name]["forward_accuracy"] = float((f > 0).float().mean())
+        estimates[name].forward_loss = float(torch.nn.functional.softplus(-f).mean())
+        estimates[name].forward_accuracy, estimates[name].forward_macro_f1 = \
+            subsets.forward_label_metrics(anchor, rows, labels)
     anchor.reset()
 
 
@@ -121,9 +162,18 @@ def show(report: dict, tasks_file: Path) -> None:
     table(f"Tasks for target {', '.join(report['target'])} ({report['search']} search, {report['subsets']} subsets)",
           ["task", "ensemble score", "ridge coef", "selected"],
           [(t, f"{e:+.4f}", f"{r:+.4f}", s) for t, e, r, s in tasks.rows()])
-    forward = all("forward_loss" in v for v in report["estimates"].values())
-    table("Estimated target quality", ["training set", "loss", "p(gold) > 1/2",
-                                       *(["forward loss", "forward p(gold) > 1/2"] if forward else [])],
-          [(name, f"{v['loss']:.4f}", f"{v['accuracy']:.3f}",
-            *([f"{v['forward_loss']:.4f}", f"{v['forward_accuracy']:.3f}"] if forward else []))
-           for name, v in report["estimates"].items()])
+    estimates = {name: Estimate(**v) for name, v in report["estimates"].items()}
+    forward = any(e.forward_loss is not None for e in estimates.values())
+    missing = any(e.not_applicable for e in estimates.values())
+
+    def cells(e: Estimate) -> list[str]:
+        values = [(e.loss, ".4f"), (e.accuracy, ".3f"), (e.macro_f1, ".3f"),
+                  *([(e.forward_loss, ".4f"), (e.forward_accuracy, ".3f"), (e.forward_macro_f1, ".3f")]
+                    if forward else [])]
+        return [format(v, spec) if v is not None else "n/a" for v, spec in values] + \
+            ([e.not_applicable or ""] if missing else [])
+
+    table("Estimated target quality", ["training set", "loss", "accuracy", "macro-F1",
+                                       *(["forward loss", "forward accuracy", "forward macro-F1"] if forward else []),
+                                       *(["not applicable because"] if missing else [])],
+          [(name, *cells(e)) for name, e in estimates.items()])

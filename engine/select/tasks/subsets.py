@@ -17,7 +17,7 @@ import torch
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
-from engine.select.tasks.estimator import fit_subsets, linearised_scores
+from engine.select.tasks.estimator import Fitting, LabelRows, linearised_scores
 
 MIN_TRAIN_ROWS = 8
 
@@ -29,6 +29,7 @@ class TaskGradients:
     f: torch.Tensor  # (n,) anchor outputs f*
     task: torch.Tensor  # (n,) index into tasks
     train: torch.Tensor  # (n,) bool: training row (else validation)
+    ids: list[str | None] | None = None  # the rows' example ids (None for synthetic top-up rows)
 
     def rows(self, task: str, train: bool) -> torch.Tensor:
         i = self.tasks.index(task)
@@ -58,7 +59,7 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
     order = torch.as_tensor(joined["row"].to_numpy().astype(np.int64))
     data = TaskGradients(tasks, vectors[order], f[order],
                          torch.tensor([index[t] for t in joined["task"].to_list()]),
-                         torch.tensor((joined["split"] == "train").to_numpy()))
+                         torch.tensor((joined["split"] == "train").to_numpy()), joined["id"].to_list())
     return _top_up(data, top_up, seed) if top_up else data
 
 
@@ -66,6 +67,7 @@ def _top_up(data: TaskGradients, rows: int, seed: int) -> TaskGradients:
     """Tasks with fewer than `rows` training rows get averages of random pairs of their rows."""
     rng = np.random.default_rng(seed)
     G, f, task, train = [data.G], [data.f], [data.task], [data.train]
+    ids = None if data.ids is None else list(data.ids)
     for i, name in enumerate(data.tasks):
         members = torch.nonzero(data.rows(name, train=True)).flatten().numpy()
         if len(members) < MIN_TRAIN_ROWS:
@@ -77,7 +79,9 @@ def _top_up(data: TaskGradients, rows: int, seed: int) -> TaskGradients:
             f.append((data.f[a] + data.f[b]) / 2)
             task.append(torch.full((missing,), i))
             train.append(torch.ones(missing, dtype=torch.bool))
-    return TaskGradients(data.tasks, torch.cat(G), torch.cat(f), torch.cat(task), torch.cat(train))
+            if ids is not None:
+                ids += [None] * missing
+    return TaskGradients(data.tasks, torch.cat(G), torch.cat(f), torch.cat(task), torch.cat(train), ids)
 
 
 def cluster_units(data: TaskGradients, targets: list[str], clusters: int, seed: int = 0,
@@ -113,7 +117,8 @@ def cluster_units(data: TaskGradients, targets: list[str], clusters: int, seed: 
     for k in range(clusters):
         members = data.task[rows[labels == k]].tolist()
         mix[names[len(targets) + k]] = {data.tasks[t]: members.count(t) for t in sorted(set(members))}
-    return TaskGradients(names, data.G[keep], data.f[keep], new_task[keep], data.train[keep]), mix
+    ids = None if data.ids is None else [i for i, k in zip(data.ids, keep.tolist()) if k]
+    return TaskGradients(names, data.G[keep], data.f[keep], new_task[keep], data.train[keep], ids), mix
 
 
 @dataclass
@@ -121,22 +126,43 @@ class SubsetEstimates:
     candidates: list[str]  # the tasks a subset may contain
     subsets: np.ndarray  # (S, len(candidates)) bool
     loss: np.ndarray  # (S,) estimated target validation loss
-    accuracy: np.ndarray  # (S,)
+    accuracy: np.ndarray | None  # (S,) argmax over each task's labels (None: no per-label rows given)
+    macro_f1: np.ndarray | None = None  # (S,)
 
 
 def estimate(data: TaskGradients, targets: list[str], subsets: np.ndarray, candidates: list[str],
-             lam: float = 1e-3) -> SubsetEstimates:
-    """Fit every subset (target training rows always in) and score it on the targets' validation rows."""
+             lam: float | Fitting = 1e-3, labels: LabelRows | None = None) -> SubsetEstimates:
+    """Fit every subset (target training rows always in) and score it on the targets' validation
+    rows: the loss of the gold answer, and with `labels` (the same rows against every label of
+    their task) accuracy and macro-F1 of the argmax."""
     missing = [t for t in targets if t not in data.tasks]
     if missing:
         raise SiftError(f"target task(s) {missing} not in the gradient store (tasks: {', '.join(data.tasks)})")
     evaluation = torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in targets])) & ~data.train
     if not evaluation.any():
         raise SiftError(f"target task(s) {targets} have no validation rows to score on")
-    fit = fit_subsets(data.G, data.f, fit_masks(data, targets, subsets, candidates), lam=lam)
-    scores = linearised_scores(fit.w, data.G[evaluation], data.f[evaluation])
+    W = fit_weights(data, targets, subsets, candidates, lam)
+    scores = linearised_scores(W, data.G[evaluation], data.f[evaluation], labels)
     return SubsetEstimates(candidates, np.asarray(subsets, dtype=bool), scores.loss.double().numpy(),
-                           scores.accuracy.double().numpy())
+                           *(None if v is None else v.double().numpy() for v in (scores.accuracy, scores.macro_f1)))
+
+
+def fit_weights(data: TaskGradients, targets: list[str], subsets: np.ndarray, candidates: list[str],
+                lam: float | Fitting = 1e-3) -> torch.Tensor:
+    """(S, d) w of every subset. A subset whose fit holds no training row (no candidate, and a target
+    that has only validation rows: the common case) is no fine-tune at all: it stays at the anchor,
+    w = 0, which is also the limit of the regularised fit as its rows vanish."""
+    masks = fit_masks(data, targets, subsets, candidates)
+    W = torch.zeros(masks.shape[0], data.G.shape[1], dtype=data.G.dtype)
+    rows = masks.any(1)
+    if rows.any():
+        W[rows] = (lam if isinstance(lam, Fitting) else Fitting(lam)).solve(data.G, data.f, masks[rows])
+    return W
+
+
+def has_training_rows(data: TaskGradients, targets: list[str]) -> bool:
+    """Whether the targets have training rows of their own (a "target only" fine-tune exists)."""
+    return bool(torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in targets])).logical_and(data.train).any())
 
 
 def fit_masks(data: TaskGradients, targets: list[str], subsets: np.ndarray, candidates: list[str]) -> torch.Tensor:
@@ -145,6 +171,85 @@ def fit_masks(data: TaskGradients, targets: list[str], subsets: np.ndarray, cand
     chosen[:, [data.tasks.index(c) for c in candidates]] = torch.as_tensor(np.asarray(subsets, dtype=bool))
     chosen[:, [data.tasks.index(t) for t in targets]] = True
     return chosen[:, data.task] & data.train
+
+
+def fitting(grads: str | Path, lam: float, fit) -> Fitting:
+    """The estimator's fit settings (an EstimatorFit config) for a gradient store; the norm
+    rescaling reads the store's projection (P^T P) and anchor norm."""
+    if fit.update_norm is None:
+        return Fitting(lam, fit.method, fit.gradex_c)
+    from engine import storage
+    from engine.features.grads import Factors
+    from engine.features.projection import Projector
+
+    factors = Factors.read(grads)
+    settings = storage.read_json(storage.join(grads, "config.json"))
+    gram = Projector(factors.projected, settings["dim"], settings["seed"], cache_mb=0).gram()
+    return Fitting(lam, fit.method, fit.gradex_c, fit.update_norm, gram, factors.anchor_norm)
+
+
+def target_rows(data: TaskGradients, examples: pl.DataFrame, targets: list[str]) -> pl.DataFrame:
+    """The targets' validation rows of the store (what every estimate is scored on), in store
+    order, with their id, text, task and label from the examples."""
+    evaluation = torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in targets])) & ~data.train
+    ids = [data.ids[i] for i in torch.nonzero(evaluation).flatten().tolist()]
+    return pl.DataFrame({"id": ids}).join(examples.select("id", "text", "task", "label"), on="id", how="left",
+                                          maintain_order="left")
+
+
+def label_sets(examples: pl.DataFrame, tasks: list[str]) -> dict[str, list[str]]:
+    """Each task's label set: the labels of its training and validation rows, sorted."""
+    known = examples.filter(pl.col("task").is_in(tasks) & pl.col("label").is_not_null())
+    return {t: sorted(known.filter(pl.col("task") == t)["label"].unique().to_list()) for t in tasks}
+
+
+def _classes(rows: pl.DataFrame, labels: dict[str, list[str]]) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
+    """(task, label) classes, the gold class of every row and each class's task index."""
+    classes = [(t, label) for t in sorted(labels) for label in labels[t]]
+    index = {c: k for k, c in enumerate(classes)}
+    missing = [(t, lab) for t, lab in zip(rows["task"], rows["label"]) if (t, lab) not in index]
+    if missing:
+        raise SiftError(f"evaluation rows with a label outside their task's label set: {missing[:3]}")
+    gold = torch.tensor([index[(t, lab)] for t, lab in zip(rows["task"], rows["label"])])
+    tasks = sorted(labels)
+    return classes, gold, torch.tensor([tasks.index(t) for t, _ in classes])
+
+
+def label_rows(anchor, rows: pl.DataFrame, labels: dict[str, list[str]]) -> LabelRows:
+    """`rows` (id, text, task, label) against every label of their task: f* and the projected
+    gradient of each, from the anchor's own featurizer (what `featurize grads` stores for the gold
+    label). A row that yields no feature for a label never predicts it (f = -inf)."""
+    classes, gold, task_of_class = _classes(rows, labels)
+    f = torch.full((rows.height, len(classes)), -torch.inf, dtype=torch.float64)
+    G = torch.zeros(rows.height, len(classes), anchor.featurizer.cfg.dim, dtype=torch.float64)
+    position = {row_id: i for i, row_id in enumerate(rows["id"])}
+    for c, (task, label) in enumerate(classes):
+        members = rows.filter(pl.col("task") == task).with_columns(label=pl.lit(label))
+        if members.height == 0:
+            continue
+        out = anchor.featurizer(members)
+        at = torch.tensor([position[i] for i in out.rows["id"]], dtype=torch.long)
+        f[at, c] = torch.as_tensor(out.rows["f"].to_numpy(), dtype=torch.float64)
+        G[at, c] = torch.as_tensor(out.vectors, dtype=torch.float64)
+    return LabelRows(f, G, gold, task_of_class)
+
+
+def forward_label_metrics(anchor, rows: pl.DataFrame, labels: dict[str, list[str]]) -> tuple[float, float]:
+    """Accuracy and macro-F1 of the anchor model as it is now (e.g. after a fine-tune or with
+    theta* + P w loaded): each row's label is the argmax of f over its task's labels."""
+    from engine.select.tasks.estimator import label_metrics
+
+    classes, gold, task_of_class = _classes(rows, labels)
+    scores = torch.full((rows.height, len(classes)), -torch.inf, dtype=torch.float64)
+    for c, (task, label) in enumerate(classes):
+        members = rows.with_row_index("at").filter(pl.col("task") == task).with_columns(label=pl.lit(label))
+        encoded = [anchor.featurizer.encode(r) for r in members.iter_rows(named=True)]
+        ok = [k for k, e in enumerate(encoded) if not isinstance(e, str)]
+        if ok:
+            at = torch.as_tensor(members["at"].to_numpy().astype(np.int64))[ok]
+            scores[at, c] = anchor.scores([encoded[k] for k in ok]).double()
+    accuracy, macro_f1 = label_metrics(scores[None], gold, task_of_class)
+    return float(accuracy[0]), float(macro_f1[0])
 
 
 def random_subsets(n: int, count: int, ratio: float, seed: int) -> np.ndarray:
@@ -175,8 +280,9 @@ def ridge_surrogate(est: SubsetEstimates, alpha: float = 1e-2) -> np.ndarray:
 
 
 def forward_selection(data: TaskGradients, targets: list[str], candidates: list[str], order: list[str],
-                      lam: float = 1e-3) -> tuple[list[str], list[float]]:
-    """Add candidates in `order`, keeping each one whose addition does not raise the estimated loss."""
+                      lam: float | Fitting = 1e-3) -> tuple[list[str], list[float]]:
+    """Add candidates in `order`, keeping each one whose addition does not raise the estimated loss.
+    The start is the targets' own training rows, or the anchor itself when they have none."""
     chosen: list[str] = []
     current = estimate(data, targets, np.zeros((1, len(candidates)), dtype=bool), candidates, lam).loss[0]
     trace = [float(current)]

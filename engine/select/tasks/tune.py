@@ -15,31 +15,38 @@ import numpy as np
 from engine import runtime
 from engine.config import RuntimeConfig
 from engine.select.tasks import subsets
+from engine.select.tasks.estimator import Fitting, LabelRows
 
 EXPERIMENT = "select-tasks"
 
 
-def _trial(config: dict, data: subsets.TaskGradients, targets: list[str], candidates: list[str], lam: float) -> None:
+def _trial(config: dict, data: subsets.TaskGradients, targets: list[str], candidates: list[str], lam: Fitting,
+           labels: LabelRows | None) -> None:
     import torch
     from ray import tune
 
     torch.set_num_threads(1)
     chosen = np.array([[bool(config[c]) for c in candidates]])
-    est = subsets.estimate(data, targets, chosen, candidates, lam=lam)
-    tune.report({"loss": float(est.loss[0]), "accuracy": float(est.accuracy[0])})
+    est = subsets.estimate(data, targets, chosen, candidates, lam=lam, labels=labels)
+    tune.report({"loss": float(est.loss[0]),
+                 **({} if est.accuracy is None else {"accuracy": float(est.accuracy[0]),
+                                                     "macro_f1": float(est.macro_f1[0])})})
 
 
-def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: list[str], samples: int, lam: float,
-                 storage: Path, seed: int, runtime_cfg: RuntimeConfig, search_alg=None) -> subsets.SubsetEstimates:
+def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: list[str], samples: int,
+                 lam: float | Fitting, storage: Path, seed: int, runtime_cfg: RuntimeConfig, search_alg=None,
+                 labels: LabelRows | None = None) -> subsets.SubsetEstimates:
     """Estimates of `samples` subsets proposed by Tune; resumes the experiment under `storage`."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     info = runtime.start(runtime_cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, data=data, targets=targets, candidates=candidates, lam=lam), {"cpu": 1})
+        tune.with_parameters(_trial, data=data, targets=targets, candidates=candidates, lam=lam, labels=labels),
+        {"cpu": 1})
+    settings = lam if not isinstance(lam, Fitting) else (lam.lam, lam.method, lam.gradex_c, lam.update_norm)
     tuner = restorable_tuner(
-        trainable, experiment_name(EXPERIMENT, targets, candidates, samples, lam, seed, data), storage,
+        trainable, experiment_name(EXPERIMENT, targets, candidates, samples, settings, seed, data), storage,
         param_space={c: tune.choice([False, True]) for c in candidates},
         tune_config=tune.TuneConfig(
             metric="loss", mode="min", num_samples=samples,
@@ -47,7 +54,10 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
     results = tuner.fit()
     frame = results.get_dataframe().sort_values("trial_id")
     chosen = np.array([[bool(row[f"config/{c}"]) for c in candidates] for _, row in frame.iterrows()])
-    return subsets.SubsetEstimates(candidates, chosen, frame["loss"].to_numpy(), frame["accuracy"].to_numpy())
+    scored = "accuracy" in frame
+    return subsets.SubsetEstimates(candidates, chosen, frame["loss"].to_numpy(),
+                                   frame["accuracy"].to_numpy() if scored else None,
+                                   frame["macro_f1"].to_numpy() if scored else None)
 
 
 def experiment_name(prefix: str, *settings) -> str:
