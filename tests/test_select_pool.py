@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -29,20 +30,51 @@ def _cfg(tmp_path, pool, target, budget, **kw) -> SelectPoolConfig:
     return SelectPoolConfig(pool=pool, target=target, budget=budget, out=tmp_path / "out", **kw)
 
 
-def test_gotd_favours_the_under_represented_cluster(tmp_path, ray_session):
-    """The paper's sanity case: a pool 99% A / 1% B, a target evenly over A and B."""
+def _sphere_blobs(rng, n: int, center: np.ndarray, spread: float = 0.6) -> np.ndarray:
+    """Unit vectors scattered around `center`, like sentence embeddings of one source."""
+    x = center + spread * rng.normal(size=(n, len(center))) / np.sqrt(len(center))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _l1_marginal_error(pool: np.ndarray, target: np.ndarray, solution: ot.OTSolution) -> float:
+    """Both marginals' L1 violation of the plan a_i b_j exp((g_i + f_j - c_ij) / eps), in float64
+    from the returned potentials: an independent check of what the solver reports."""
+    g = ot.c_transform(pool, solution)
+    cost = ((pool[:, None, :] - target[None, :, :]) ** 2).sum(-1)
+    plan = np.exp((g[:, None] + solution.f[None, :] - cost) / solution.eps) / (len(pool) * len(target))
+    return float(np.abs(plan.sum(1) - 1 / len(pool)).sum() + np.abs(plan.sum(0) - 1 / len(target)).sum())
+
+
+def test_gotd_finds_the_rare_source_that_knn_misses(tmp_path, ray_session, capsys):
+    """The paper's case: a pool 99% source A / 1% source B, a target half A, half B.
+
+    The target's B half is under-supplied, so the converged OT potentials pull B's candidates to
+    the top; kNN (mean over the 10 nearest targets, or the nearest one) scores A and B candidates
+    alike -- both have target points near them -- and so picks B at its 1% base rate, as a random
+    selection would (0.2 of 20 expected). The solve must take many iterations: POT's check stopped
+    this one after 1 with an L1 marginal error of 0.91.
+    """
     rng = np.random.default_rng(0)
-    a, b = np.zeros(8), np.full(8, 2.0)
-    pool = np.vstack([_blobs(rng, 1980, a), _blobs(rng, 20, b)])
-    target = np.vstack([_blobs(rng, 100, a), _blobs(rng, 100, b)])
+    a, b = (c / np.linalg.norm(c) for c in rng.normal(size=(2, 16)))
+    pool = np.vstack([_sphere_blobs(rng, 1980, a), _sphere_blobs(rng, 20, b)])
+    target = np.vstack([_sphere_blobs(rng, 100, a), _sphere_blobs(rng, 100, b)])
     cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", pool, "p"), _write(tmp_path / "t.parquet", target, "t"), 20)
     report = select_pool(cfg)
-    chosen = pl.read_parquet(tmp_path / "out" / "selected.parquet")["id"].to_list()
-    from_b = sum(int(i[1:]) >= 1980 for i in chosen)
-    assert from_b >= 18, chosen
-    assert report["details"]["converged"]
-    knn = select_pool(cfg.model_copy(update={"method": "knn", "out": tmp_path / "knn"}))
-    assert knn["counts"]["selected"] == 20  # same interface; kNN has no notion of the missing mass
+    from_b = lambda out: sum(int(i[1:]) >= 1980 for i in pl.read_parquet(out / "selected.parquet")["id"])  # noqa: E731
+    assert from_b(tmp_path / "out") >= 18
+    details = report["details"]
+    assert details["converged"] and details["iterations"] > 1 and details["marginal_error"] <= 1e-3
+    assert report["warnings"] == [] and "sift: warning" not in capsys.readouterr().err
+    solution = ot.sinkhorn_potentials(pool, target, cfg.eps, cfg.threshold, cfg.max_iter)
+    assert solution.iterations == details["iterations"]
+    assert _l1_marginal_error(pool, target, solution) < 2e-3
+    # at POT's old default threshold (0.1, on its L2 norm) the solve stopped after 1 iteration, L1 error 0.91
+    loose = ot.sinkhorn_potentials(pool, target, cfg.eps, 0.1, cfg.max_iter)
+    assert loose.iterations > 1 and _l1_marginal_error(pool, target, loose) <= 0.1
+    assert abs(_l1_marginal_error(pool, target, loose) - loose.marginal_error) < 1e-3
+    for k in (10, 1):  # kNN by mean and by max similarity
+        select_pool(cfg.model_copy(update={"method": "knn", "knn_k": k, "out": tmp_path / f"knn{k}"}))
+        assert from_b(tmp_path / f"knn{k}") <= 2, k
 
 
 def test_sample_and_c_transform_agree_with_the_full_solve(tmp_path, ray_session):
@@ -91,13 +123,17 @@ def test_target_identical_to_part_of_the_pool_works(tmp_path, ray_session):
     assert sum(int(i[1:]) < 40 for i in chosen) >= 30
 
 
-def test_too_small_epsilon_is_reported_not_silent(tmp_path, ray_session):
+def test_too_small_epsilon_is_reported_not_silent(tmp_path, ray_session, capsys):
     rng = np.random.default_rng(4)
     cfg = _cfg(tmp_path, _write(tmp_path / "pool.parquet", rng.normal(size=(200, 8)) * 5, "p"),
                _write(tmp_path / "t.parquet", rng.normal(size=(20, 8)) * 5, "t"), 10,
                eps=1e-3, max_iter=20, threshold=1e-6)
-    details = select_pool(cfg)["details"]
-    assert details["converged"] is False and details["iterations"] == 20
+    report = select_pool(cfg)
+    details = report["details"]
+    assert details["converged"] is False and details["iterations"] == 20 and details["marginal_error"] > 1e-6
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sift: warning:")]
+    assert warning == [f"sift: warning: {report['warnings'][0]}"]
+    assert "Sinkhorn did not converge: L1 marginal error" in warning[0] and "after 20 iterations" in warning[0]
 
 
 def test_contrast_selects_away_from_the_target(tmp_path, ray_session):
@@ -184,7 +220,7 @@ def test_domain_test_keeps_the_closest_sources(tmp_path, ray_session):
     store = _store_from_parquet(tmp_path / "pool.parquet", tmp_path / "store")
     tasks = pl.concat(frames)["task"]
     for k in range(store.spec.num_shards):
-        path = store.root / "shards" / f"{k:05d}.parquet"
+        path = Path(store.root) / "shards" / f"{k:05d}.parquet"
         pl.read_parquet(path).with_columns(task=tasks).write_parquet(path)
     target = _write(tmp_path / "t.parquet", _blobs(rng, 50, np.full(6, 0.3)), "t")
     report = select_pool(_cfg(tmp_path, str(store.root), target, 50, domain_keep=2, domain_sample=100))

@@ -69,13 +69,15 @@ def domain_test(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
     vectors = store.vectors()
     rng = np.random.default_rng(cfg.seed)
     target_sample = target[rng.choice(len(target), size=min(len(target), cfg.domain_sample), replace=False)]
-    costs = {}
+    solves = {}
     for name in sorted(set(tasks)):
         members = np.flatnonzero(tasks == name)
         picked = np.sort(rng.choice(members, size=min(len(members), cfg.domain_sample), replace=False))
-        costs[name] = ot.ot_cost(vectors[picked], target_sample, cfg.eps, cfg.threshold, cfg.max_iter)
+        solves[name] = ot.ot_cost(vectors[picked], target_sample, cfg.eps, cfg.threshold, cfg.max_iter)
+    costs = {name: solve.cost for name, solve in solves.items()}
     kept = sorted(costs, key=costs.get)[: cfg.domain_keep]
-    return np.flatnonzero(np.isin(tasks, kept)), {"ot_cost": costs, "kept": kept}
+    unconverged = sorted(name for name, solve in solves.items() if not solve.converged)
+    return np.flatnonzero(np.isin(tasks, kept)), {"ot_cost": costs, "kept": kept, "unconverged": unconverged}
 
 
 def c_transform_store(store: FeatureStore, solution: ot.OTSolution) -> np.ndarray:

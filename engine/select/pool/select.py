@@ -9,6 +9,7 @@ rows_in = quarantined + selected + not_selected.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import polars as pl
 from engine import runtime
 from engine.config import SelectPoolConfig
 from engine.errors import SiftError
-from engine.report import console, table
+from engine.report import table
 from engine.select.pool import baselines
 from engine.select.pool.gotd import gotd_scores
 from engine.select.pool.inputs import Candidates, resolve
@@ -83,6 +84,7 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
             "target_rows": target.rows().height,
         },
         "details": details,
+        "warnings": _warnings(details),
         "seconds": {"inputs": round(prepared - started, 3), "scoring": round(scored - prepared, 3),
                     "total": round(time.perf_counter() - started, 3)},
         "selected_by_task": _by_task(result.filter(pl.col("selected"))),
@@ -94,7 +96,26 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
         raise AssertionError(f"select-pool lost rows: {counts}")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plot(result, report, out / "report.png")
+    for line in report["warnings"]:
+        print(f"sift: warning: {line}", file=sys.stderr)
     return report
+
+
+def _warnings(details: dict) -> list[str]:
+    """One line per solve that stopped short of its threshold: its ranking may be unreliable.
+
+    Printed by select_pool itself, so every caller (the command, the pipeline) shows it.
+    """
+    lines = []
+    if details.get("converged") is False:
+        lines.append(f"Sinkhorn did not converge: L1 marginal error {details['marginal_error']:.3g} > "
+                     f"{details['threshold']:g} after {details['iterations']} iterations at "
+                     f"epsilon={details['eps']:g}; the ranking may be unreliable (raise max_iter or epsilon)")
+    unconverged = details.get("domains", {}).get("unconverged")
+    if unconverged:
+        lines.append(f"the domain test's Sinkhorn did not converge for {', '.join(unconverged)} (threshold "
+                     f"{details['threshold']:g}); their OT costs may be off (raise max_iter or epsilon)")
+    return lines
 
 
 def _scores(cfg: SelectPoolConfig, pool: Candidates, target: Candidates, candidates: pl.DataFrame):
@@ -166,14 +187,11 @@ def show(report: dict, out: Path) -> None:
     rows = [("method", f"{report['method']} ({report['variant']})"), *counts.items()]
     if "converged" in details:
         rows += [("OT support", f"{details['support']}: {details['support_size']:,} pool x {details['target_size']:,} target"),
-                 ("Sinkhorn", f"{details['iterations']} iterations, marginal error {details['marginal_error']:.3g}, "
+                 ("Sinkhorn", f"{details['iterations']} iterations, L1 marginal error {details['marginal_error']:.2g} "
+                              f"(threshold {details['threshold']:g}): "
                               f"{'converged' if details['converged'] else 'NOT converged'}")]
     rows += [("seconds", f"{report['seconds']['total']:.1f} (scoring {report['seconds']['scoring']:.1f})"),
              ("outputs", f"{out}/scores.parquet, selected.parquet, report.json, report.png")]
     table(f"select-pool -> {out}", None, rows)
     table("Selected by source", ["source", "pool", "selected"],
           [(name, n, report["selected_by_task"].get(name, 0)) for name, n in report["pool_by_task"].items()])
-    if details.get("converged") is False:
-        console.print(f"[bold red]WARNING: Sinkhorn did not converge in {details['iterations']} iterations "
-                      f"(marginal error {details['marginal_error']:.3g} > threshold {details['threshold']}) at "
-                      f"epsilon={details['eps']}: the ranking may be unreliable; raise eps or max_iter.[/]")
