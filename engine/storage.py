@@ -420,7 +420,7 @@ def download(uri: str | os.PathLike, local_dir: str | os.PathLike) -> Path:
     if info.type == pafs.FileType.NotFound:
         raise SiftError(f"{uri}: no such file or folder")
     target = local_dir / name(uri) if info.type == pafs.FileType.File else local_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
+    local_dir.mkdir(parents=True, exist_ok=True)  # copy_files makes the folders below it, not it
     try:
         pafs.copy_files(path, str(target.resolve()), source_filesystem=fs, destination_filesystem=_local_fs())
     except (OSError, pa.ArrowException) as exc:
@@ -436,8 +436,8 @@ def upload(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
     if not local_path.exists():
         raise SiftError(f"{local_path}: no such file or folder to upload")
     fs, path = filesystem(uri)
-    if not is_remote(uri) and local_path.is_file():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not is_remote(uri):  # copy_files makes the folders below the target, not the target's own
+        os.makedirs(path if local_path.is_dir() else os.path.dirname(path), exist_ok=True)
     try:
         pafs.copy_files(str(local_path.resolve()), path, source_filesystem=_local_fs(), destination_filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
@@ -447,31 +447,12 @@ def upload(local_path: str | os.PathLike, uri: str | os.PathLike) -> None:
 def local_copy(uri: str | os.PathLike) -> Path:
     """A local path holding `uri`'s file or folder, for libraries that read only from disk
     (transformers, peft). A local location is returned as it is. A remote one is downloaded once
-    into `$SIFT_CACHE/objects/<hash of uri>/<hash of its objects' names, sizes and ETags>`; when
-    the objects change, the next call downloads a fresh copy and removes the older ones."""
+    to `$SIFT_CACHE/objects/<hash of uri>/<hash of its objects' names, sizes and ETags>/<name>`
+    (the same last name as the URI's); when the objects change, the next call downloads a fresh
+    copy and removes the older ones."""
     uri = validate_uri(uri)
     if not is_remote(uri):
         return Path(_local_path(uri))
-    info = _info(uri)
-    home = cache_dir("objects", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    target = home / stamp(uri)
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(dir=home, prefix=_TMP))
-        download(uri, staging)
-        try:
-            os.rename(staging, target)  # atomic: another process's finished copy wins, ours goes
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-        for old in home.iterdir():
-            if old != target and not old.name.startswith(_TMP):
-                shutil.rmtree(old, ignore_errors=True)
-    return target / name(uri) if info.type == pafs.FileType.File else target
-
-
-def stamp(uri: str | os.PathLike) -> str:
-    """A digest of the names, sizes and versions (ETags, else mtimes) of a file or of every file
-    under a folder/prefix: it changes whenever any of them is rewritten, without reading them."""
-    uri = validate_uri(uri)
     fs, _ = filesystem(uri)
     info = _info(uri)
     if info.type == pafs.FileType.NotFound:
@@ -480,7 +461,19 @@ def stamp(uri: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.path}\0{f.size}\0{_version_tag(fs, f)}\n".encode())
-    return digest.hexdigest()[:16]
+    home = cache_dir("objects", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    version = home / digest.hexdigest()[:16]
+    if not version.exists():
+        staging = Path(tempfile.mkdtemp(dir=home, prefix=_TMP))
+        download(uri, staging if info.type == pafs.FileType.File else staging / name(uri))
+        try:
+            os.rename(staging, version)  # atomic: another process's finished copy wins, ours goes
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in home.iterdir():
+            if old != version and not old.name.startswith(_TMP):
+                shutil.rmtree(old, ignore_errors=True)
+    return version / name(uri)
 
 
 def _version_tag(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:

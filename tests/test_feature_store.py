@@ -16,11 +16,12 @@ import psutil
 import pytest
 import torch
 
+from engine import storage
 from engine.config import EmbedConfig, GradsConfig
 from engine.errors import SiftError
 from engine.features.embed import embed
 from engine.features.grads import GradFeaturizer, featurize_grads
-from engine.features.store import FeatureStore
+from engine.features.store import FeatureStore, StoreSpec
 
 GRADS = dict(model="tiny-llama", dim=64, shard_rows=100, batch_size=16)
 
@@ -157,3 +158,82 @@ def test_store_config_holds_absolute_paths(tweets_ingest, tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "rel-store" / "config.json").read_text())
     assert saved["out"] == str(tmp_path / "rel-store") and Path(saved["data"]).is_absolute()
     assert saved["model"] == "tiny-llama"  # built-in names stay names
+
+
+def _synthetic_store(root: str, rows: int = 250, shard_rows: int = 64, dim: int = 8) -> tuple[FeatureStore, np.ndarray]:
+    """A store filled directly (no model), as select-pool does for precomputed embeddings."""
+    vectors = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    spec = StoreSpec(kind="embeddings", fingerprint={"source": "synthetic"}, dim=dim, dtype="float32",
+                     seed=None, rows=rows, shard_rows=shard_rows)
+    store = FeatureStore.prepare(root, spec)
+    for k in store.missing_shards():
+        start, stop = store.shard_range(k)
+        store.write_shard(k, pl.DataFrame({"id": [f"r{i}" for i in range(start, stop)]}), vectors[start:stop],
+                          pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+    return store, vectors
+
+
+def test_a_remote_store_streams_shard_by_shard(s3_dir, monkeypatch):
+    _, expected = _synthetic_store(s3_dir)
+    store = FeatureStore(s3_dir)  # as a later stage opens it
+    fetched: list[int] = []
+    fetch = store._fetch_shard
+    monkeypatch.setattr(store, "_fetch_shard", lambda k: fetched.append(k) or fetch(k))
+    vectors = store.vectors()
+    assert vectors.shape == (250, 8) and fetched == []  # opening reads no vectors
+    assert np.array_equal(vectors[[3, 200, 70]], expected[[3, 200, 70]])
+    assert sorted(fetched) == [0, 1, 3]  # only the shards holding the rows asked for
+    assert np.array_equal(vectors[[65, 66]], expected[[65, 66]]) and sorted(fetched) == [0, 1, 3]  # cached
+    assert np.array_equal(np.concatenate(list(vectors.iter_batches(50))), expected)
+    assert np.array_equal(np.asarray(vectors), expected)
+    assert store.rows()["id"].to_list() == [f"r{i}" for i in range(250)]
+    assert store.size_bytes() == sum(storage.size(f) for f in storage.list_files(storage.join(s3_dir, "shards")))
+
+
+def test_objects_without_a_manifest_are_never_taken_for_finished_shards(s3_dir):
+    """A prefix holding shard-like objects but no manifest (a store whose manifest was lost, files
+    copied from elsewhere) gets a fresh store: none of those objects can be shown to be its own."""
+    _synthetic_store(s3_dir)
+    storage.delete(storage.join(s3_dir, "manifest.json"))
+    storage.write_text(storage.join(s3_dir, "shards", "notes.txt"), "unrelated")
+    spec = StoreSpec(kind="embeddings", fingerprint={"source": "another"}, dim=8, dtype="float32",
+                     seed=None, rows=250, shard_rows=64)
+    store = FeatureStore.prepare(s3_dir, spec)
+    assert store.missing_shards() == [0, 1, 2, 3]
+    assert storage.list_files(storage.join(s3_dir, "shards")) == []
+
+
+@pytest.mark.slow
+def test_embed_on_s3_resumes_from_finished_shards_after_an_interrupt(tweets_ingest, tmp_path, s3_dir):
+    """`sift featurize embed --out s3://...` interrupted after its first shard; stale and foreign
+    objects are then put under the prefix; the rerun computes only the missing shards (the stale
+    ones among them) and ends equal to a local run, every id exactly once."""
+    data = tmp_path / "examples.parquet"
+    pl.read_parquet(tweets_ingest / "examples.parquet").head(300).write_parquet(data)
+    settings = dict(data=data, shard_rows=64)  # 5 shards
+    reference, _ = embed(EmbedConfig(out=tmp_path / "local", **settings))
+
+    cmd = [str(Path(sys.executable).parent / "sift"), "featurize", "embed", "--data", str(data), "--out", s3_dir,
+           "--set", "shard_rows=64", "--actors", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # with the fixture's AWS_* settings
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    shards = storage.join(s3_dir, "shards")
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None and not storage.exists(storage.join(shards, "00000.parquet")):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    done = [k for k in range(5) if storage.exists(storage.join(shards, f"{k:05d}.parquet"))]
+    assert 1 <= len(done) < 5, f"the driver was not interrupted mid-run ({done}): {err.decode()[-2000:]}"
+
+    stale = next(k for k in range(5) if k not in done)
+    storage.write_bytes(storage.join(shards, f"{stale:05d}.npy"), b"a shard whose writer died")  # no rows file
+    storage.write_text(storage.join(shards, "notes.txt"), "unrelated")
+    storage.write_text(storage.join(shards, "00042.parquet"), "beyond the store's shards")
+    store, stats = embed(EmbedConfig(out=s3_dir, **settings))
+    assert stats.shards_done_before == len(done)
+    assert stats.rows == sum(min(64, 300 - 64 * k) for k in range(5) if k not in done)  # only the missing ones
+    ids = store.rows()["id"].to_list()
+    assert len(ids) == len(set(ids)) == 300
+    _same(store, reference)
+    assert FeatureStore(s3_dir).config().out == s3_dir  # config.json beside the manifest, on S3

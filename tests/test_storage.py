@@ -94,7 +94,7 @@ def test_upload_download_and_a_cached_local_copy_that_follows_changes(root, tmp_
     if not storage.is_remote(remote):
         assert copy == Path(remote)  # local locations are used in place
         return
-    assert (copy / "config.json").read_text() == '{"hidden_size": 8}'
+    assert copy.name == "model" and (copy / "config.json").read_text() == '{"hidden_size": 8}'
     assert storage.local_copy(remote) == copy  # unchanged objects: the same copy, no download
     storage.write_text(storage.join(remote, "config.json"), '{"hidden_size": 9}')  # same size, new content
     fresh = storage.local_copy(remote)
@@ -129,3 +129,20 @@ def test_names_keep_their_scheme():
     assert storage.is_remote("s3://b/x") and storage.is_remote("gs://b/x")
     assert not storage.is_remote("file:///x") and not storage.is_remote("runs/x")
     assert storage.absolute("s3://b/x") == "s3://b/x" and storage.absolute("x") == os.path.abspath("x")
+
+
+def test_a_model_folder_on_s3_loads_from_its_local_copy(s3_dir, tmp_path, monkeypatch):
+    import torch
+
+    from engine.models import builtin, load
+
+    local = builtin.resolve("tiny-llama")  # from the usual cache
+    monkeypatch.setenv("SIFT_CACHE", str(tmp_path / "cache"))
+    storage.upload(local, storage.join(s3_dir, "tiny-llama"))
+    folder = builtin.resolve(storage.join(s3_dir, "tiny-llama"))
+    assert folder.is_relative_to(tmp_path / "cache" / "objects")
+    ids = torch.tensor([[1, 5, 9]])
+    remote_model, local_model = load.load_causal_lm(folder), load.load_causal_lm(local)
+    assert torch.equal(remote_model(ids).logits, local_model(ids).logits)
+    with pytest.raises(SiftError, match="no such file or folder"):
+        builtin.resolve(storage.join(s3_dir, "absent"))

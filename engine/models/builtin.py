@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from engine import storage
 from engine.errors import SiftError
 from engine.paths import cache_dir, package_dir
 
@@ -26,11 +27,12 @@ TINY_SEED = 0
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A built-in model name to its (built, cached) folder; anything else is taken as a folder."""
+    """A built-in model name to its (built, cached) folder; anything else is taken as a folder,
+    local or remote (s3://..., read from a cached local copy: transformers reads only from disk)."""
     name = str(name_or_path)
     if name in BUILDERS:
         return BUILDERS[name]()
-    folder = Path(name)
+    folder = storage.local_copy(name)
     if not folder.is_dir():
         raise SiftError(f"model {name!r} is neither a built-in ({', '.join(BUILDERS)}) nor a folder")
     return folder
