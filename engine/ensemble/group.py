@@ -2,15 +2,19 @@
 
 The affinity and the first partitions come from engine/ensemble/grouping.py; Ray Tune then runs one
 local search per starting partition (SDP, spectral, and `restarts` random ones) in parallel, and
-the best refined partition by the estimator's objective wins. Every candidate is reported with
-its estimated per-task loss and accuracy. Outputs: groups.json, affinity.parquet, affinity.png
-(the affinity heatmap in group order, the group map).
+the best refined partition by the estimator's objective wins. Every candidate is reported before
+and after its search by both measures, which must broadly agree (the affinity is the objective's
+pairwise first-order model): the within-group affinity (density, higher is better) and the
+objective (mean estimated validation loss, lower is better), with its estimated per-task loss and
+accuracy. Outputs: groups.json, affinity.parquet, affinity.png (the affinity heatmap in group
+order, the group map).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,22 @@ from engine.select.tasks import subsets
 from engine.select.tasks.tune import experiment_name, restorable_tuner
 
 EXPERIMENT = "group-search"
+
+
+@dataclass
+class Candidate:
+    """One start's partition, before and after its local search, by both measures."""
+
+    start: str  # sdp, spectral, random-k
+    start_affinity: float  # within-group density sum(T_cc)/|c|, averaged over groups: higher is better
+    affinity: float
+    start_objective: float  # mean estimated validation loss over tasks: lower is better
+    objective: float
+    steps: int
+    fits: int
+    labels: list[int]
+    groups: list[list[str]]
+    per_task: dict[str, dict[str, float]]  # task -> estimated loss and accuracy under its group's fit
 
 
 def _refine(config: dict, data: subsets.TaskGradients, starts: dict[str, list[int]], lam: float, rounds: int) -> None:
@@ -53,31 +73,32 @@ def group_tasks(cfg: GroupConfig) -> dict:
     if cfg.groups is not None and cfg.groups > n:
         raise SiftError(f"--groups {cfg.groups} is more than the {n} tasks in the store")
     aff = grouping.affinity(data, cfg.subsets, cfg.ratio, cfg.lam, cfg.seed)
-    m, densities = (cfg.groups, {}) if cfg.groups else grouping.choose_m(aff.T, cfg.max_groups, cfg.seed)
+    m, densities = (cfg.groups, {}) if cfg.groups else grouping.choose_m(aff.T, cfg.max_groups, cfg.seed, cfg.method)
     rng = np.random.default_rng(cfg.seed)
-    starts = {"sdp": grouping.sdp(aff.T, m, cfg.seed).tolist() if cfg.method == "sdp" else None,
-              "spectral": grouping.spectral(aff.T, m, cfg.seed).tolist()}
+    starts = {method: grouping.cluster(aff.T, m, method, cfg.seed).tolist()
+              for method in (["sdp", "spectral"] if cfg.method == "sdp" else ["spectral"])}
     for k in range(cfg.restarts):
         starts[f"random-{k}"] = (rng.permutation(n) % m).tolist()
-    starts = {name: labels for name, labels in starts.items() if labels is not None}
 
-    candidates = _search(cfg, data, starts, out)
-    best = min(candidates, key=lambda c: (c["objective"], c["start"]))
+    candidates = _search(cfg, data, aff, starts, out)
+    best = min(candidates, key=lambda c: (c.objective, c.steps, c.start))  # ties: the start already there
     report = {
-        "tasks": data.tasks, "m": m, "densities": densities, "groups": best["groups"], "chosen": best["start"],
-        "candidates": candidates, "data": str(Path(cfg.data).resolve()), "grads": str(Path(cfg.grads).resolve()),
-        "estimator": {"affinity_fits": cfg.subsets, "search_fits": sum(c["fits"] for c in candidates),
+        "tasks": data.tasks, "m": m, "densities": densities, "groups": best.groups, "chosen": best.start,
+        "affinity": best.affinity, "objective": best.objective,
+        "candidates": [asdict(c) for c in candidates], "data": str(Path(cfg.data).resolve()), "grads": str(Path(cfg.grads).resolve()),
+        "estimator": {"affinity_fits": cfg.subsets + n, "search_fits": sum(c.fits for c in candidates),
                       "rows": int(data.G.shape[0]), "dim": int(data.G.shape[1])},
         "seconds": round(time.perf_counter() - started, 3), "config": cfg.model_dump(mode="json"),
     }
     (out / "groups.json").write_text(json.dumps(report, indent=2))
     pl.DataFrame({"task": data.tasks, **{t: aff.T[:, i] for i, t in enumerate(data.tasks)}}) \
         .write_parquet(out / "affinity.parquet")
-    _plot(aff, best["labels"], out / "affinity.png")
+    _plot(aff, best.labels, out / "affinity.png")
     return report
 
 
-def _search(cfg: GroupConfig, data: subsets.TaskGradients, starts: dict[str, list[int]], out: Path) -> list[dict]:
+def _search(cfg: GroupConfig, data: subsets.TaskGradients, aff: grouping.Affinity, starts: dict[str, list[int]],
+            out: Path) -> list[Candidate]:
     from ray import tune
 
     info = runtime.start(cfg.runtime)
@@ -94,14 +115,14 @@ def _search(cfg: GroupConfig, data: subsets.TaskGradients, starts: dict[str, lis
     for _, row in frame.iterrows():
         labels = json.loads(row["labels"])
         loss, accuracy = json.loads(row["loss"]), json.loads(row["accuracy"])
-        candidates.append({
-            "start": row["config/start"], "objective": float(row["objective"]),
-            "start_objective": float(row["start_objective"]), "steps": int(row["steps"]), "fits": int(row["fits"]),
-            "labels": labels,
-            "groups": [[t for t, g in zip(data.tasks, labels) if g == k] for k in range(max(labels) + 1)],
-            "per_task": {t: {"loss": loss[i], "accuracy": accuracy[i]} for i, t in enumerate(data.tasks)},
-        })
-    return sorted(candidates, key=lambda c: c["start"])
+        start = row["config/start"]
+        candidates.append(Candidate(
+            start=start, start_affinity=grouping.density(aff.T, np.array(starts[start])),
+            affinity=grouping.density(aff.T, np.array(labels)), start_objective=float(row["start_objective"]),
+            objective=float(row["objective"]), steps=int(row["steps"]), fits=int(row["fits"]), labels=labels,
+            groups=[[t for t, g in zip(data.tasks, labels) if g == k] for k in range(max(labels) + 1)],
+            per_task={t: {"loss": loss[i], "accuracy": accuracy[i]} for i, t in enumerate(data.tasks)}))
+    return sorted(candidates, key=lambda c: c.start)
 
 
 def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:
@@ -122,7 +143,7 @@ def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:
     for b in bounds:
         ax.axhline(b, color="black", linewidth=1.5)
         ax.axvline(b, color="black", linewidth=1.5)
-    fig.colorbar(image, ax=ax, label="affinity (mean standardised performance)")
+    fig.colorbar(image, ax=ax, label="affinity: estimated loss drop from each other's rows rather than own")
     ax.set_title("task affinity, ordered by group [group]")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -130,9 +151,12 @@ def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:
 
 
 def show(report: dict) -> None:
-    table(f"Groups (m = {report['m']}, chosen start: {report['chosen']})", ["group", "tasks"],
+    table(f"Groups (m = {report['m']}, chosen start: {report['chosen']}; within-group affinity "
+          f"{report['affinity']:+.4f}, objective {report['objective']:.4f})", ["group", "tasks"],
           [(str(k), ", ".join(g)) for k, g in enumerate(report["groups"])])
-    table("Candidate partitions (estimated mean validation loss over tasks)",
-          ["start", "before search", "after", "steps", "groups"],
-          [(c["start"], f"{c['start_objective']:.4f}", f"{c['objective']:.4f}", str(c["steps"]),
-            " | ".join(",".join(t.split("-", 1)[-1] for t in g) for g in c["groups"])) for c in report["candidates"]])
+    table("Candidate partitions before -> after local search: within-group affinity (higher is better), "
+          "objective = mean estimated validation loss (lower is better)",
+          ["start", "affinity", "objective", "steps", "groups"],
+          [(c.start, f"{c.start_affinity:+.4f} -> {c.affinity:+.4f}", f"{c.start_objective:.4f} -> {c.objective:.4f}",
+            str(c.steps), " | ".join(",".join(t.split("-", 1)[-1] for t in g) for g in c.groups))
+           for c in (Candidate(**c) for c in report["candidates"])])

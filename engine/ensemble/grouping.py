@@ -1,9 +1,17 @@
 """Grouping n tasks into m for the adapter ensemble (docs/ALGORITHMS.md section 3), by the estimator.
 
-1. Affinity: random subsets of ~0.3 n tasks are all fitted at once; T[i, j] is the mean
-   standardised performance (negated estimated validation loss, z-scored per task across the
-   subsets holding it) of task i over the subsets holding both i and j; zero diagonal,
-   symmetrised.
+1. Affinity: the n single tasks and random subsets of ~0.3 n tasks are all fitted at once, and
+   every task's validation rows are scored under every fit. K[i, k] is the drop of task i's
+   estimated validation loss (from the anchor's, w = 0) per unit share of task k's training rows
+   in a fit, by least squares over the fits that hold i (as the objective scores i: under its own
+   group's fit): drop_i(S) ~ sum_k share_k(S) K[i, k]. The affinity is what a task gains from
+   another's rows compared with its own, symmetrised: T[i, j] = (K[i, j] - K[i, i] + K[j, i] -
+   K[j, j]) / 2, zero diagonal. In these units the within-group sum of sum(T_cc)/|c| over groups
+   is, to first order, n times the drop of the local search's objective from "every task alone",
+   so clustering T and refining by the estimator maximise the same thing. (The z-scored affinity
+   this replaces never saw a task's gain from its own rows and weighed a task whose loss moves by
+   0.004 like one whose loss moves by 1: its groups contradicted the objective; see
+   `test_affinity_agrees_with_the_objective` in tests/test_groups.py.)
 2. Clustering of T into m groups: the SDP relaxation (max tr(TX), X PSD, X >= 0, X1 = 1,
    tr X = m) rounded by k-means on the rows of X, or spectral clustering. Without a given m, the
    m with the highest average within-group density sum(T_cc)/|c| is taken.
@@ -28,9 +36,17 @@ def task_losses(data: TaskGradients, groups: np.ndarray, lam: float) -> tuple[np
     """For each row of `groups` (S, n tasks) a fit on those tasks' training rows, scored on every
     task's validation rows: (S, n) linearised losses and accuracies."""
     masks = torch.as_tensor(np.asarray(groups, dtype=bool))[:, data.task] & data.train
-    fit = fit_subsets(data.G, data.f, masks, lam=lam)
+    return _per_task(data, fit_subsets(data.G, data.f, masks, lam=lam).w)
+
+
+def anchor_losses(data: TaskGradients) -> np.ndarray:
+    """(n,) every task's validation loss at the anchor itself (w = 0, no fine-tune: exact)."""
+    return _per_task(data, torch.zeros(1, data.G.shape[1], dtype=data.G.dtype))[0][0]
+
+
+def _per_task(data: TaskGradients, W: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     validation = ~data.train
-    z = data.f[validation] + fit.w @ data.G[validation].T  # (S, n_val)
+    z = data.f[validation] + W @ data.G[validation].T  # (S, n_val)
     member = torch.nn.functional.one_hot(data.task[validation], len(data.tasks)).to(z.dtype)  # (n_val, n)
     counts = member.sum(0).clamp_min(1)
     loss = (torch.nn.functional.softplus(-z) @ member) / counts
@@ -41,9 +57,10 @@ def task_losses(data: TaskGradients, groups: np.ndarray, lam: float) -> tuple[np
 @dataclass
 class Affinity:
     tasks: list[str]
-    T: np.ndarray  # (n, n), symmetric, zero diagonal
-    subsets: np.ndarray  # (S, n) bool
-    loss: np.ndarray  # (S, n) estimated validation loss of every task under every subset's fit
+    T: np.ndarray  # (n, n) symmetric, zero diagonal, in estimated validation loss (module docstring)
+    K: np.ndarray  # (n, n) K[i, k]: drop of task i's loss per unit share of task k's rows in a fit
+    subsets: np.ndarray  # (S, n) bool, the random subsets (the n single tasks are fitted besides)
+    loss: np.ndarray  # (S, n) estimated validation loss of every task under every random subset's fit
 
 
 def affinity(data: TaskGradients, subsets: int, ratio: float, lam: float, seed: int) -> Affinity:
@@ -52,19 +69,20 @@ def affinity(data: TaskGradients, subsets: int, ratio: float, lam: float, seed: 
     if missing:
         raise SiftError(f"task(s) {missing} have no validation rows: the affinity needs them")
     sets = random_subsets(n, subsets, max(ratio, 2 / n), seed)  # a pair at least, or T says nothing
-    loss, _ = task_losses(data, sets, lam)
-    # Task i is standardised over the subsets that train on it: otherwise "i is in the fit"
-    # would dominate every T[i, j] and hide which partners help.
-    T = np.zeros((n, n))
-    for i in range(n):
-        holding = sets[:, i]
-        perf = -loss[holding, i]
-        z = (perf - perf.mean()) / (perf.std() if perf.std() > 0 else 1.0)
-        for j in range(n):
-            both = sets[holding, j]
-            T[i, j] = z[both].mean() if both.any() else 0.0
-    np.fill_diagonal(T, 0.0)
-    return Affinity(list(data.tasks), (T + T.T) / 2, sets, loss)
+    # The single tasks make every K[i, k] identifiable whatever the random subsets are (all of one
+    # size, all the same when ratio = 1); the random subsets average K over realistic group sizes.
+    fits = np.vstack([np.eye(n, dtype=bool), sets])
+    loss, _ = task_losses(data, fits, lam)
+    rows = torch.bincount(data.task[data.train], minlength=n).double().numpy()
+    share = fits * rows
+    share /= share.sum(1, keepdims=True)
+    drop = anchor_losses(data)[None, :] - loss  # (n + S, n)
+    K = np.zeros((n, n))
+    for i in range(n):  # as the objective scores task i: under fits that hold it
+        holding = fits[:, i]
+        K[i] = np.linalg.lstsq(share[holding], drop[holding, i], rcond=None)[0]
+    gain = K - np.diag(K)[:, None]  # from k's rows rather than i's own
+    return Affinity(list(data.tasks), (gain + gain.T) / 2, K, sets, loss[n:])
 
 
 def density(T: np.ndarray, labels: np.ndarray) -> float:
@@ -107,9 +125,19 @@ def sdp(T: np.ndarray, m: int, seed: int) -> np.ndarray:
     return labels if len(np.unique(labels)) == m else spectral(T, m, seed)
 
 
-def choose_m(T: np.ndarray, max_groups: int, seed: int) -> tuple[int, dict[int, float]]:
-    """The m in 1..max_groups whose spectral partition has the highest average density."""
-    scores = {m: density(T, spectral(T, m, seed)) for m in range(1, min(max_groups, len(T)) + 1)}
+def cluster(T: np.ndarray, m: int, method: str, seed: int) -> np.ndarray:
+    """The partition of T into m groups by the configured method ("sdp" or "spectral")."""
+    if method not in CLUSTERINGS:
+        raise SiftError(f"unknown clustering method {method!r}; known: {', '.join(CLUSTERINGS)}")
+    return CLUSTERINGS[method](T, m, seed)
+
+
+CLUSTERINGS = {"sdp": sdp, "spectral": spectral}
+
+
+def choose_m(T: np.ndarray, max_groups: int, seed: int, method: str = "sdp") -> tuple[int, dict[int, float]]:
+    """The m in 1..max_groups whose partition by `method` has the highest average density."""
+    scores = {m: density(T, cluster(T, m, method, seed)) for m in range(1, min(max_groups, len(T)) + 1)}
     return max(scores, key=lambda m: (scores[m], -m)), scores
 
 
