@@ -18,6 +18,7 @@ from engine.errors import SiftError
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None  # the `sift` command itself, not a caller's main([...])
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
@@ -81,7 +82,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # Flags that steer the command itself rather than set a config key.
-_CONTROL = {"handler", "stage", "config", "set", "force", "verbose", "pipeline"}
+_CONTROL = {"handler", "stage", "config", "set", "force", "verbose", "pipeline", "own_process"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def _stage(args: argparse.Namespace) -> None:
     if args.force and "force" in stage.config.model_fields:
         overrides["force"] = True  # featurize: also discard the store's finished shards
     cfg = load_config(stage.config, args.config, overrides)
-    logs.setup(getattr(cfg, stage.output, None) if stage.output else None, stage.name, args.verbose)
+    logs.setup(getattr(cfg, stage.output, None) if stage.output else None, stage.name, args.verbose,
+               args.own_process)
     outcome = executor.run(stage, cfg, force=args.force)
     if outcome.status != "ran":
         print(f"[{stage.name}] {outcome.status}: {outcome.result.line()} (--force to redo)")
@@ -114,7 +116,7 @@ def _pipeline(args: argparse.Namespace) -> None:
     from engine import logs, pipeline
 
     cfg = pipeline.load(getattr(args, "pipeline", None) or pipeline.DEMO, _overrides(args))
-    logs.setup(cfg.out, "pipeline", args.verbose)
+    logs.setup(cfg.out, "pipeline", args.verbose, args.own_process)
     pipeline.run(cfg, force=args.force)
 
 

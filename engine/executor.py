@@ -70,6 +70,59 @@ def input_digest(uri: str | os.PathLike | None) -> str:
     return f"files:{storage.stamp(uri)}"
 
 
+def settings_digest(cfg: BaseModel, exclude: set[str] | tuple[str, ...] = ()) -> str:
+    """Digest of a config's settings, less where it runs and where it reads and writes."""
+    return digest(cfg.model_dump(mode="json", exclude={"data", "out", "force", "runtime", "actors", *exclude}))
+
+
+def data_digest(examples: str | os.PathLike) -> str:
+    """Digest of the example columns that features depend on (id, text, task, label): edited
+    data never reuses stale features, whatever its file's name or time."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(examples)
+    names = pq.read_schema(path, filesystem=fs).names
+    table = pq.read_table(path, columns=[c for c in ("id", "text", "task", "label") if c in names], filesystem=fs)
+    h = hashlib.sha256()
+    for column in table.itercolumns():
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    h.update(memoryview(buffer))
+    return f"{table.num_rows} rows@{h.hexdigest()[:16]}"
+
+
+def folder_digest(folder: str | os.PathLike | None) -> str:
+    """Name and content digest of a model or adapter folder: its JSON files and the bytes of its
+    weights, so a retrained adapter of the same rank and size is never taken for the old one.
+    Hashing weights is slow for big models, so each file's digest is cached by path, size and
+    modification time."""
+    if folder is None:
+        return "none"
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.suffix == ".json":
+            h.update(f.read_bytes())
+        elif f.suffix == ".safetensors":
+            h.update(f"{f.name}:{_file_digest(f)}".encode())
+    return f"{Path(folder).name}@{h.hexdigest()[:12]}"
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cached = cache_dir("digests") / key
+    if cached.is_file():
+        return cached.read_text()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    value = h.hexdigest()[:16]
+    storage.write_text(str(cached), value)
+    return value
+
+
 class Marker(BaseModel):
     stage: str
     fingerprint: str

@@ -2,15 +2,19 @@
 Tune's, Train's and the model libraries' logs go to one log file per run (its path printed once).
 `--verbose` leaves every log on the terminal, as the libraries configure it.
 
-Ray workers' output reaches the driver only with `log_to_driver`, so quiet runs turn it off
-(`runtime.start` reads `forward_worker_logs()`); the workers' own files stay in Ray's session
-folder (/tmp/ray/session_latest/logs on an embedded Ray).
+Three routes are closed in a quiet run: Python loggers (handlers replaced by the file, again after
+`ray.init` re-adds Ray's), Ray workers' output streamed to the driver (`log_to_driver` off:
+`runtime.start` reads `forward_worker_logs()`; the workers' own files stay in Ray's session
+folder), and what C++ code (Ray's core worker, raylet) writes to file descriptor 2: that
+descriptor goes to the log file while Python's `sys.stderr` keeps the terminal, so sift's
+progress bars and errors still show.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,9 +26,10 @@ LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.serve", "ray.air", "
 _handler: logging.Handler | None = None
 
 
-def setup(out: str | None, name: str, verbose: bool) -> Path | None:
+def setup(out: str | None, name: str, verbose: bool, own_process: bool = False) -> Path | None:
     """Send dependencies' logs to OUT/_logs/<name>-<time>.log (the cache's logs folder when OUT is
-    remote or unset). Returns the file, or None when verbose."""
+    remote or unset). Returns the file, or None when verbose. File descriptor 2 is redirected only
+    when sift owns the process (the `sift` command), never under a caller such as pytest."""
     global _handler
     if verbose:
         _handler = None
@@ -34,10 +39,10 @@ def setup(out: str | None, name: str, verbose: bool) -> Path | None:
     path = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     _handler = logging.FileHandler(path)
     _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.captureWarnings(True)
+    if own_process:
+        _descriptor_2_to(path)
     redirect()
     print(f"logs of Ray and the model libraries: {path}", flush=True)
     return path
@@ -51,6 +56,7 @@ def redirect() -> None:
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [_handler]
+        logger.setLevel(logging.INFO)
         logger.propagate = False
     try:
         import transformers
@@ -59,6 +65,15 @@ def redirect() -> None:
         transformers.utils.logging.add_handler(_handler)
     except ImportError:
         pass
+
+
+def _descriptor_2_to(path: Path) -> None:
+    """C-level writes to stderr go to the log file; Python's sys.stderr stays on the terminal."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
 
 
 def forward_worker_logs() -> bool:

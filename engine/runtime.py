@@ -58,7 +58,9 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
     cfg = cfg or RuntimeConfig()
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
-        common: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=logs.forward_worker_logs())
+        quiet = not logs.forward_worker_logs()  # warnings printed while Ray starts are dropped
+        common: dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING,
+                                      log_to_driver=not quiet)
         if address:
             _check_reachable(address)
             # Workers elsewhere reach the driver's object store: endpoint and region, keys only

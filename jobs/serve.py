@@ -16,21 +16,5 @@ import sys
 
 from engine.cli import main
 
-
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--detach" in argv:
-        argv.remove("--detach")
-        from engine.config import ServeConfig, load_config
-        from engine.errors import SiftError
-        from engine.cli import _parser, _overrides
-        from engine.serve.app import serve
-
-        args = _parser().parse_args(["serve", *argv])
-        try:
-            serve(load_config(ServeConfig, args.config, _overrides(args)), block=False)
-        except SiftError as exc:
-            print(f"sift: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        sys.exit(0)
-    sys.exit(main(["serve", *argv]))
+    sys.exit(main(["serve", *sys.argv[1:]]))

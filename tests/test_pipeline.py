@@ -3,7 +3,6 @@ a rerun skips what is done, a changed setting reruns that step and the steps tha
 
 from __future__ import annotations
 
-import json
 
 import yaml
 
@@ -32,19 +31,33 @@ SMALL = {
 NAMES = [step["stage"] for step in SMALL["steps"]]
 
 
-def test_pipeline_end_to_end_and_rerun(tmp_path, ray_session, capsys):
+def test_pipeline_end_to_end_on_s3_and_rerun(tmp_path, s3_dir, ray_session, capsys):
+    """Every input and every output on a real S3 endpoint: the corpora are uploaded first, each
+    step writes under s3://, reads the steps before it from there, and a rerun skips on the
+    markers it finds there."""
+    from engine import storage
+    from engine.data import corpora
+
+    inputs = []
+    for name in ("chatterbot", "fortunes"):
+        inputs.append(f"{s3_dir}/inputs/{name}.parquet")
+        storage.upload(corpora.path(name), inputs[-1])
+    steps = [{"stage": "ingest", "config": {"inputs": inputs}}, *SMALL["steps"][1:],
+             {"stage": "evaluate", "config": {"manifest": "train", "data": "suite"}}]
+    out = f"{s3_dir}/run"
     config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    config.write_text(yaml.safe_dump({"steps": steps, "out": out}))
     assert main(["run", str(config)]) == 0
     first = capsys.readouterr().out
     for name in NAMES:
         assert f"[{name}] ran:" in first
-        assert json.loads((tmp_path / "run" / name / MARKER).read_text())["stage"] == name
+        assert storage.read_json(f"{out}/{name}/{MARKER}")["stage"] == name
+    assert "[evaluate] ran: test accuracy" in first
     assert "3 test rows classified over HTTP (peft)" in first
-    assert len(json.loads((tmp_path / "run" / "serve" / "answers.json").read_text())) == 3
+    assert len(storage.read_json(f"{out}/serve/answers.json")) == 3
+    assert storage.exists(f"{out}/train/ensemble.json") and storage.exists(f"{out}/train/adapters/group-0")
     assert "Adapter ensemble on test rows" in first
-    page = (tmp_path / "run" / "report.html").read_text()
-    assert page.count("data:image/png;base64") == 3  # select-pool, select-tasks, group
+    assert storage.read_text(f"{out}/report.html").count("data:image/png;base64") == 3  # pool, tasks, groups
 
     assert main(["run", str(config), "--set", "train.epochs=2"]) == 0
     second = capsys.readouterr().out

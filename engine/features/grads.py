@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine import storage
+from engine import executor, storage
 from engine.config import GradsConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
@@ -164,11 +164,11 @@ def spec_for(cfg: GradsConfig):
     spec = StoreSpec(
         kind="grads",
         fingerprint={
-            "model": runner.folder_fingerprint(builtin.resolve(cfg.model)),
-            "adapter": runner.folder_fingerprint(cfg.adapter),
-            "config": runner.config_fingerprint(
+            "model": executor.folder_digest(builtin.resolve(cfg.model)),
+            "adapter": executor.folder_digest(cfg.adapter),
+            "config": executor.settings_digest(
                 cfg, exclude={"model", "adapter", "batch_size", "method", "projection_cache_mb", "shard_rows"}),
-            "data": runner.data_fingerprint(examples),
+            "data": executor.data_digest(examples),
             "projected": "LoRA factors with a non-zero partner",  # stores that lifted every factor are stale
         },
         dim=cfg.dim, dtype=cfg.dtype, seed=cfg.seed, rows=rows, shard_rows=cfg.shard_rows,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.config import EmbedConfig
-from engine.stages import Result, Stage
+from engine.stages import Stage
 from engine.stages.features import FeaturesResult, featurize_arguments, show
 
 

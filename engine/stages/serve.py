@@ -15,6 +15,7 @@ from engine.stages import Result, Stage
 
 
 class ServeStageConfig(ServeConfig):
+    detach: bool = Field(False, description="deploy and return; the app keeps running on the cluster's Serve")
     check_data: Uri | None = Field(None, description="labelled rows to classify over HTTP, then stop")
     check_queries: PositiveInt = Field(8, description="rows classified by the check")
     out: Uri | None = Field(None, description="where the check writes answers.json")
@@ -38,7 +39,7 @@ def run(cfg: ServeStageConfig) -> ServeResult:
     from engine.serve.app import serve
 
     if cfg.check_data is None:
-        return ServeResult(url=serve(cfg), backend=cfg.backend)
+        return ServeResult(url=serve(cfg, block=not cfg.detach), backend=cfg.backend)
     return _check(cfg)
 
 
@@ -89,8 +90,10 @@ def arguments(p) -> None:
     p.add_argument("--backend", choices=["vllm", "peft"], help="default vllm; peft: the reference")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--detach", action="store_true", default=None,
+                   help="deploy and return (a Ray job); stop it with `serve shutdown`")
 
 
 STAGE = Stage("serve", "serve an adapter ensemble over HTTP (Ray Serve; vLLM multi-LoRA or PEFT)", ServeStageConfig,
               ServeResult, run, show, arguments, inputs=("manifest", "check_data"),
-              ignore=("host", "port", "threads", "replicas", "replica_cpus", "max_ongoing_requests"))
+              ignore=("detach", "host", "port", "threads", "replicas", "replica_cpus", "max_ongoing_requests"))
