@@ -3,6 +3,10 @@
 A pool or target may be: texts (files, folders, globs: ingested here), an ingest folder, an
 embedding or gradient feature store, or parquet with `id` and `embedding` columns. Stores sift
 derives (ingest, embeddings) live under OUT/<role>/ and are reused when their inputs match.
+
+Pool and target must come from one encoder: a feature store's manifest names its model
+(`fingerprint["model"]`, name@digest), and two different ones are refused; precomputed parquet
+names none, so for it the dimension check in `select` is all there is.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ class Candidates:
             return self.store.rows()
         return pl.read_parquet(self.examples)
 
+    @property
+    def encoder(self) -> str | None:
+        """The model the features came from, as its store's manifest names it; None when unknown."""
+        return None if self.store is None else self.store.spec.fingerprint.get("model")
+
     def texts(self) -> pl.DataFrame:
         if self.examples is None:
             raise SiftError("this method needs texts, but the input is precomputed features; pass the texts")
@@ -76,6 +85,13 @@ def resolve(spec: str | None, role: str, cfg: SelectPoolConfig, need: str) -> Ca
     return Candidates(store, folder / EXAMPLES, rows_in, pl.concat([lost, _quarantine(store.quarantine(), "features")]))
 
 
+def check_same_encoder(pool: Candidates, target: Candidates) -> None:
+    """Features of two encoders are not comparable, even at equal dimension: refuse the pair."""
+    if pool.encoder is not None and target.encoder is not None and pool.encoder != target.encoder:
+        raise SiftError(f"pool features come from encoder {pool.encoder} but target features from {target.encoder}; "
+                        "compute both with the same model")
+
+
 def _ingested(spec: str, work: Path, cfg: SelectPoolConfig) -> tuple[Path, int, pl.DataFrame]:
     """An ingest folder for the input (the input itself if it already is one)."""
     path = Path(spec)
@@ -101,7 +117,9 @@ def _has_embedding_column(path: Path) -> bool:
 
 
 def _store_from_parquet(path: Path, out: Path) -> FeatureStore:
-    """Precomputed embeddings (id + embedding columns) as a feature store; NaN rows quarantined."""
+    """Precomputed embeddings (id + embedding columns) as a feature store. Rows without an id,
+    with a non-finite vector, or repeating an earlier good row's id (the first wins: a repeated id
+    would be selected twice, past the budget) are quarantined with the reason."""
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     stamp = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files).encode())
     frame = pl.read_parquet(files, columns=["id", "embedding"])
@@ -113,15 +131,30 @@ def _store_from_parquet(path: Path, out: Path) -> FeatureStore:
         raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers") from None
     if vectors.ndim != 2:
         raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers")
-    spec = StoreSpec(kind="embeddings", fingerprint={"source": f"{path}@{stamp.hexdigest()[:16]}"},
+    spec = StoreSpec(kind="embeddings", fingerprint={"source": f"{path}@{stamp.hexdigest()[:16]}",
+                                                     "checks": "id, finite, unique id"},
                      dim=vectors.shape[1], dtype="float32", seed=None, rows=frame.height,
                      shard_rows=PRECOMPUTED_SHARD_ROWS)
     store = FeatureStore.prepare(out, spec, replace_mismatch=True)
-    finite = np.isfinite(vectors).all(axis=1)
+    checked = _row_reasons(frame.select("id"), np.isfinite(vectors).all(axis=1))
     for k in store.missing_shards():
         start, stop = store.shard_range(k)
-        ok = finite[start:stop]
-        part = frame.slice(start, stop - start)
-        store.write_shard(k, part.select("id").filter(pl.Series(ok)), vectors[start:stop][ok],
-                          part.select("id").filter(pl.Series(~ok)).with_columns(reason=pl.lit("non-finite embedding")))
+        part = checked.slice(start, stop - start)
+        ok = part["reason"].is_null()
+        store.write_shard(k, part.filter(ok).select("id"), vectors[start:stop][ok.to_numpy()],
+                          part.filter(~ok).select("id", "reason"))
     return store
+
+
+def _row_reasons(ids: pl.DataFrame, finite: np.ndarray) -> pl.DataFrame:
+    """id, reason (null: kept) per precomputed row; among otherwise good rows the first id wins."""
+    row = pl.col("row")
+    reason = (pl.when(pl.col("id").is_null()).then(pl.lit("missing id"))
+              .when(~pl.col("finite")).then(pl.lit("non-finite embedding")))
+    checked = ids.with_row_index("row").with_columns(finite=pl.Series(finite)).with_columns(reason=reason)
+    first = row.filter(pl.col("reason").is_null()).min().over("id")
+    return checked.with_columns(
+        reason=pl.when(pl.col("reason").is_null() & (row != first))
+        .then(pl.format("duplicate id (first at row {})", first + 1))
+        .otherwise(pl.col("reason"))
+    ).select("id", "reason")

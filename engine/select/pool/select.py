@@ -22,7 +22,7 @@ from engine.errors import SiftError
 from engine.report import table
 from engine.select.pool import baselines
 from engine.select.pool.gotd import gotd_scores
-from engine.select.pool.inputs import Candidates, resolve
+from engine.select.pool.inputs import Candidates, check_same_encoder, resolve
 
 NEEDS = {"gotd": "embeddings", "knn": "embeddings", "grad-cosine": "grads", "dsir": "texts", "random": "any"}
 
@@ -50,6 +50,7 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
     need = NEEDS[cfg.method]
     pool = resolve(cfg.pool, "pool", cfg, need)
     target = resolve(cfg.target, "target", cfg, need)
+    check_same_encoder(pool, target)
     candidates = pool.rows()
     if candidates.height == 0:
         raise SiftError(f"the pool is empty: none of its {pool.rows_in} rows survived ingest and featurization "
