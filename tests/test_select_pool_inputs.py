@@ -57,8 +57,11 @@ def test_pool_and_target_from_different_encoders_are_refused(tmp_path, ray_sessi
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
 
+    renamed = tmp_path / "renamed-copy"  # the same model under another folder name
+    shutil.copytree(builtin.resolve("tiny-llama"), renamed)
+
     pool = _store(tmp_path, "pool", "tiny-llama", 60)
-    same = _store(tmp_path, "same", "tiny-llama", 10)
+    same = _store(tmp_path, "same", str(renamed), 10)
     different = _store(tmp_path, "different", str(other), 10)
     assert FeatureStore(same).spec.dim == FeatureStore(different).spec.dim  # dimension alone cannot tell
 

@@ -5,7 +5,7 @@ embedding or gradient feature store, or parquet with `id` and `embedding` column
 derives (ingest, embeddings) live under OUT/<role>/ and are reused when their inputs match.
 
 Pool and target must come from one encoder: a feature store's manifest names its model
-(`fingerprint["model"]`, name@digest), and two different ones are refused; precomputed parquet
+(`fingerprint["model"]`, name@content digest), and two different ones are refused; precomputed parquet
 names none, so for it the dimension check in `select` is all there is.
 """
 
@@ -86,8 +86,13 @@ def resolve(spec: str | None, role: str, cfg: SelectPoolConfig, need: str) -> Ca
 
 
 def check_same_encoder(pool: Candidates, target: Candidates) -> None:
-    """Features of two encoders are not comparable, even at equal dimension: refuse the pair."""
-    if pool.encoder is not None and target.encoder is not None and pool.encoder != target.encoder:
+    """Features of two encoders are not comparable, even at equal dimension: refuse the pair. The
+    manifests name a model as folder-name@content-digest; the digest decides (a renamed copy of
+    the same weights is the same encoder), the names make the message readable."""
+    def digest(encoder: str) -> str:
+        return encoder.rpartition("@")[2]
+
+    if pool.encoder is not None and target.encoder is not None and digest(pool.encoder) != digest(target.encoder):
         raise SiftError(f"pool features come from encoder {pool.encoder} but target features from {target.encoder}; "
                         "compute both with the same model")
 
