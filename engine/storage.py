@@ -349,7 +349,8 @@ def read_parquet(uri: str | os.PathLike, columns: list[str] | None = None) -> pl
         return pl.read_parquet(path, columns=columns)
     fs, path = filesystem(uri)
     try:
-        table = pq.read_table(path, filesystem=fs, columns=columns)
+        with fs.open_input_file(path) as f:
+            table = pq.ParquetFile(f).read(columns=columns)
     except FileNotFoundError:
         raise SiftError(f"{uri}: no such file") from None
     except (OSError, pa.ArrowException) as exc:
@@ -453,16 +454,9 @@ def local_copy(uri: str | os.PathLike) -> Path:
     uri = validate_uri(uri)
     if not is_remote(uri):
         return Path(_local_path(uri))
-    fs, _ = filesystem(uri)
     info = _info(uri)
-    if info.type == pafs.FileType.NotFound:
-        raise SiftError(f"{uri}: no such file or folder")
-    files = [info] if info.type == pafs.FileType.File else _file_infos(uri)
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.path}\0{f.size}\0{_version_tag(fs, f)}\n".encode())
     home = cache_dir("objects", hashlib.sha256(uri.encode()).hexdigest()[:16])
-    version = home / digest.hexdigest()[:16]
+    version = home / stamp(uri)
     if not version.exists():
         staging = Path(tempfile.mkdtemp(dir=home, prefix=_TMP))
         download(uri, staging if info.type == pafs.FileType.File else staging / name(uri))
@@ -474,6 +468,22 @@ def local_copy(uri: str | os.PathLike) -> Path:
             if old != version and not old.name.startswith(_TMP):
                 shutil.rmtree(old, ignore_errors=True)
     return version / name(uri)
+
+
+def stamp(uri: str | os.PathLike) -> str:
+    """A digest of the names, sizes and versions (ETags, else mtimes) of a file or of every file
+    under a folder/prefix: it changes whenever any of them is rewritten, without reading them.
+    The executor fingerprints inputs with it; `local_copy` names its versions by it."""
+    uri = validate_uri(uri)
+    fs, _ = filesystem(uri)
+    info = _info(uri)
+    if info.type == pafs.FileType.NotFound:
+        raise SiftError(f"{uri}: no such file or folder")
+    files = [info] if info.type == pafs.FileType.File else _file_infos(uri)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.path}\0{f.size}\0{_version_tag(fs, f)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _version_tag(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
