@@ -275,8 +275,9 @@ class EnsembleTrainConfig(StrictModel):
     workers: PositiveInt = Field(1, description="Ray Train workers per group")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Ray Train worker (0: train on CPUs)")
     boost: int = Field(0, ge=0, description="boosting rounds (closed-form residual adapters)")
-    boost_alpha: float = Field(10.0, gt=0, description="ridge strength of a boosting adapter")
-    boost_max_step: float = Field(1.0, gt=0, description="largest step size nu of the line search on validation rows")
+    boost_alpha: float = Field(1.0, gt=0, description="ridge strength of a boosting adapter, relative to the mean "
+                                                       "eigenvalue of the centred gradients' G^T G")
+    boost_max_step: float = Field(8.0, gt=0, description="largest step size nu of the line search on validation rows")
     boost_max_norm: float = Field(1.0, gt=0, description="a boosting adapter's |P w| is capped at this multiple of "
                                                          "the group adapters' median distance from the anchor")
     seed: int = 0

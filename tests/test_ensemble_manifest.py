@@ -39,6 +39,11 @@ def test_load_makes_adapter_paths_absolute(tiny_manifest):
     (lambda raw, folder: raw.update(max_lora_rank=2), "has rank 4 > max_lora_rank 2"),
     (lambda raw, folder: raw["adapters"][0].update(rank=8), "has rank 4, the manifest says 8"),
     (lambda raw, folder: raw["adapters"][2].update(name="group-0"), "adapter names repeat"),
+    (lambda raw, folder: raw["tasks"]["fortunes-law-politics"].update(boost=[{"adapter": "boost-9", "step": 0.5}]),
+     "task 'fortunes-law-politics' boosts with unknown adapter\\(s\\) \\['boost-9'\\]"),
+    (lambda raw, folder: raw["tasks"]["fortunes-law-politics"].update(boost=[{"adapter": "group-2", "step": 0}]),
+     "step: Input should be greater than 0"),
+    (lambda raw, folder: raw.update(anchor="nope"), "anchor 'nope' is not an adapter of the manifest"),
 ])
 def test_bad_manifests_fail_in_one_line(tiny_manifest, tmp_path, edit, message):
     with pytest.raises(SiftError, match=message) as err:
@@ -126,3 +131,23 @@ def test_update_swaps_adapters_without_reloading_the_base(tiny_manifest, tmp_pat
         assert torch.allclose(fresh[name], updated[name])
     ensemble.update(full)
     assert set(ensemble.model.peft_config) == {"group-0", "group-1", "group-2"}
+
+
+def test_boosting_steps_are_added_in_label_logit_space(tiny_manifest, tmp_path):
+    """A boosted task's prediction: softmax(log mixture + nu * (boost adapter - anchor)), the
+    anchor being the bare base here; the models it needs are scored by default."""
+    def boost_with_group_2(raw, folder):
+        raw["tasks"]["fortunes-law-politics"]["weights"] = {"group-0": 0.7, "group-1": 0.3}
+        raw["tasks"]["fortunes-law-politics"]["boost"] = [{"adapter": "group-2", "step": 0.5}]
+
+    loaded = manifest.load(_edited(tiny_manifest, tmp_path, boost_with_group_2))
+    assert loaded.models("fortunes-law-politics") == ["group-0", "group-1", "group-2", None]
+    assert loaded.models("wordnet-animal-plant") == ["group-0", "group-1", "group-2"]
+    ensemble = EnsembleModel.load(loaded)
+    texts = ["Laws are made to be broken.", "Politics is the art of the possible."]
+    probs, per_model = ensemble.classify("fortunes-law-politics", texts)
+    assert set(per_model) == {"group-0", "group-1", None, "group-2"}
+    mixed = 0.7 * torch.softmax(per_model["group-0"].double(), -1) + 0.3 * torch.softmax(per_model["group-1"].double(), -1)
+    expected = torch.softmax(mixed.log() + 0.5 * (per_model["group-2"] - per_model[None]).double(), -1)
+    assert torch.allclose(probs, expected)
+    assert not torch.allclose(probs, mixed, atol=1e-3)  # the step changes the prediction

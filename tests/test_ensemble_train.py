@@ -98,3 +98,103 @@ def test_group_without_training_rows_and_too_many_groups(suite_grads, tmp_path, 
     assert main(["group", "--data", str(suite_grads / "suite"), "--grads", str(suite_grads / "grads"),
                  "--groups", "0", "--out", str(tmp_path / "g")]) == 2
     assert "key 'groups'" in capsys.readouterr().err
+
+
+def _lora_tiny(seed: int = 0):
+    """tiny-llama with a LoRA whose factors are all non-zero (so every factor has a gradient)."""
+    import torch
+
+    from engine.config import LoraSpec
+    from engine.features.per_example import AnswerScore
+    from engine.models import builtin, load, lora
+
+    path = builtin.resolve("tiny-llama")
+    model = lora.add_lora(load.load_causal_lm(path), LoraSpec(r=4, seed=seed))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return load.load_tokenizer(path), AnswerScore(model)
+
+
+def test_training_loss_is_cross_entropy_even_for_a_very_wrong_answer():
+    """The training loss is the answer tokens' cross-entropy: its value and gradient equal a plain
+    F.cross_entropy on the logits, also where the gold token's probability is far below 0.001
+    (where softplus(-clipped f) had about p / 0.01 of the gradient)."""
+    import torch
+
+    from engine.features import answers, objective
+
+    tokenizer, score = _lora_tiny()
+    prompts = [tokenizer("A small furry animal that climbs trees.\nAnswer:")["input_ids"],
+               tokenizer("Stock markets fell sharply today.\nAnswer:")["input_ids"]]
+    with torch.no_grad():
+        last = [score.model(torch.tensor([p])).logits[0, -1] for p in prompts]
+    gold = [int(logits.argmin()) for logits in last]  # the least likely next token: a very wrong prediction
+    assert max(float(logits.softmax(-1)[g]) for logits, g in zip(last, gold)) < 1e-3  # inside the clip
+    batch = answers.collate([(p + [g], len(p)) for p, g in zip(prompts, gold)], tokenizer.pad_token_id)
+    params = [p for p in score.model.parameters() if p.requires_grad]
+
+    value = objective.loss(score, batch)
+    ours = torch.autograd.grad(value, params)
+    logits = torch.stack([score.model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    reference = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(gold))
+    theirs = torch.autograd.grad(reference, params)
+    assert float(value) == pytest.approx(float(reference), rel=1e-4)
+    norm = lambda grads: float(sum(g.norm() ** 2 for g in grads) ** 0.5)  # noqa: E731
+    assert norm(ours) == pytest.approx(norm(theirs), rel=1e-3)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(ours, theirs))
+
+
+def test_residual_w_is_the_ridge_solution():
+    import torch
+
+    from engine.ensemble import boost
+
+    generator = torch.Generator().manual_seed(0)
+    G = torch.randn(60, 8, generator=generator, dtype=torch.float64)
+    w_true = torch.randn(8, generator=generator, dtype=torch.float64)
+    r = G @ w_true
+    # No penalty, an exact target: the generating w comes back.
+    assert torch.allclose(boost.residual_w(G, r, 1e-9), w_true, atol=1e-6)
+    # A penalty: the normal equations hold, the solution shrinks, and it still fits better than w = 0.
+    noisy = r + torch.randn(60, generator=generator, dtype=torch.float64)
+    w = boost.residual_w(G, noisy, 10.0)
+    assert torch.allclose(G.T @ (G @ w - noisy) + 10.0 * w, torch.zeros(8, dtype=torch.float64), atol=1e-9)
+    assert w.norm() < boost.residual_w(G, noisy, 1e-9).norm()
+    assert (G @ w - noisy).norm() < noisy.norm()
+
+
+def test_line_search_finds_the_minimising_step_or_none():
+    from engine.ensemble import boost
+
+    nu, value = boost.line_search(lambda v: (v - 0.3) ** 2 + 1.0, 1.0)
+    assert nu == pytest.approx(0.3, abs=2e-3) and value == pytest.approx(1.0, abs=1e-5)
+    assert boost.line_search(lambda v: 1.0 + v, 1.0) == (0.0, 1.0)  # every step makes it worse
+
+
+def test_a_boosting_round_lowers_the_training_residual(suite_grads, tmp_path):
+    """One round on the tiny Llama: the residual adapter, added in label-logit space with the
+    step found on validation rows, lowers the training rows' mean 1 - p(gold)."""
+    from engine.ensemble import evaluate
+    from engine.ensemble.model import EnsembleModel
+    from engine.train.ensemble import _boost
+    from tests.conftest import write_random_adapter
+
+    out = tmp_path / "ens"
+    write_random_adapter(out / "adapters" / "group-0", seed=1, r=8)
+    frame = pl.read_parquet(suite_grads / "suite" / "examples.parquet").with_columns(pl.col("split").fill_null("train"))
+    tasks = sorted(frame["task"].unique())
+    entry = manifest.AdapterEntry(name="group-0", path="adapters/group-0", tasks=tasks, rank=8)
+    start = manifest.Manifest(base_model="tiny-llama", max_lora_rank=8, adapters=[entry], tasks={
+        t: manifest.TaskEntry(labels=sorted(frame.filter(pl.col("task") == t)["label"].unique()),
+                              weights={"group-0": 1.0}) for t in tasks})
+    ensemble = EnsembleModel.load(manifest.load(manifest.write(start, out)))
+    scores = evaluate.score_rows(ensemble, frame.filter(pl.col("split") == "validation"))
+    final, rounds = _boost(EnsembleTrainConfig(out=out, boost=1, boost_max_step=8.0), ensemble, start,
+                           suite_grads / "grads", frame, scores, out)
+    assert rounds[0]["step"] > 0 and rounds[0]["validation_nll"] < rounds[0]["before"]
+    assert rounds[0]["train_residual"] < rounds[0]["train_residual_before"]
+    assert rounds[0]["accepted"] and [b.adapter for b in final.tasks[tasks[0]].boost] == ["boost-1"]
+    assert rounds[0]["update_norm"] <= rounds[0]["max_norm"] + 1e-6

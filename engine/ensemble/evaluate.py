@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from engine.data.ingest import examples_path
 from engine.ensemble import labels, manifest as manifest_io, metrics
@@ -19,15 +20,27 @@ from engine.report import table
 
 @dataclass
 class TaskScores:
+    """One task's rows under several models: the gold class of each row and each model's (B, L)
+    label log-probabilities (None: the bare base model)."""
+
     gold: np.ndarray  # (B,) class index of each row's label
-    probs: dict[str, np.ndarray]  # adapter -> (B, L) class probabilities
+    logprobs: dict[str | None, torch.Tensor]
 
-    def gold_prob(self, adapter: str) -> np.ndarray:
-        """(B,) the adapter's probability of each row's gold label."""
-        return self.probs[adapter][np.arange(len(self.gold)), self.gold]
+    def probs(self, model: str | None) -> np.ndarray:
+        """(B, L) the model's class probabilities (renormalised over the labels)."""
+        return labels.class_probs(self.logprobs[model]).numpy()
 
-    def mixed_gold_prob(self, weights: dict[str, float]) -> np.ndarray:
-        return sum(w * self.gold_prob(n) for n, w in weights.items() if w > 0)
+    def gold_prob(self, model: str | None) -> np.ndarray:
+        """(B,) the model's probability of each row's gold label."""
+        return self.probs(model)[np.arange(len(self.gold)), self.gold]
+
+    def combined(self, manifest: manifest_io.Manifest, task: str) -> np.ndarray:
+        """(B, L) the ensemble's class probabilities under `manifest` (labels.combine)."""
+        return labels.combine(self.logprobs, manifest, task).numpy()
+
+    def nll(self, manifest: manifest_io.Manifest, task: str) -> float:
+        probs = self.combined(manifest, task)[np.arange(len(self.gold)), self.gold]
+        return float(-np.log(np.clip(probs, 1e-12, None)).mean())
 
 
 def read_split(data: str | Path, tasks: list[str], split: str | None) -> tuple[pl.DataFrame, str]:
@@ -41,9 +54,12 @@ def read_split(data: str | Path, tasks: list[str], split: str | None) -> tuple[p
     return rows, split
 
 
-def score_rows(ensemble: EnsembleModel, rows: pl.DataFrame, adapters: list[str] | None = None) -> dict[str, TaskScores]:
-    """Class probabilities of every row under each adapter (default: every adapter)."""
-    names = adapters or [a.name for a in ensemble.manifest.adapters]
+def score_rows(ensemble: EnsembleModel, rows: pl.DataFrame, models: list[str | None] | None = None
+               ) -> dict[str, TaskScores]:
+    """Label log-probabilities of every row under each model (default: every adapter of the
+    manifest and its anchor, the bare base when that is None)."""
+    names = models if models is not None else [*(a.name for a in ensemble.manifest.adapters
+                                                 if a.name != ensemble.manifest.anchor), ensemble.manifest.anchor]
     out = {}
     for task in sorted(set(rows["task"])):
         part = rows.filter(pl.col("task") == task)
@@ -52,22 +68,34 @@ def score_rows(ensemble: EnsembleModel, rows: pl.DataFrame, adapters: list[str] 
         if outside:
             raise SiftError(f"task {task!r}: labels {outside[:5]} are not among its verbalizers {choices}")
         logprobs = ensemble.label_logprobs(task, part["text"].to_list(), adapters=names)
-        out[task] = TaskScores(np.array([choices.index(y) for y in part["label"]]),
-                               {n: labels.class_probs(lp).numpy() for n, lp in logprobs.items()})
+        out[task] = TaskScores(np.array([choices.index(y) for y in part["label"]]), logprobs)
     return out
 
 
 def report(ensemble: EnsembleModel, scores: dict[str, TaskScores]) -> dict:
-    """Per task: the ensemble's metrics (with the manifest's weights) and each adapter's alone."""
+    """Per task: the ensemble's metrics (the manifest's combination), each adapter's alone and
+    the bare base model's (`base`) when it was scored."""
     tasks = {}
     for task, s in scores.items():
-        weights = ensemble.manifest.task(task).weights
-        mixed = sum(w * s.probs[n] for n, w in weights.items() if w > 0)
-        tasks[task] = {"ensemble": metrics.classification(mixed, s.gold),
-                       "adapters": {a.name: metrics.classification(s.probs[a.name], s.gold)
-                                    for a in ensemble.manifest.adapters if a.name in s.probs}}
+        tasks[task] = {"ensemble": metrics.classification(s.combined(ensemble.manifest, task), s.gold),
+                       "adapters": {a.name: metrics.classification(s.probs(a.name), s.gold)
+                                    for a in ensemble.manifest.adapters if a.name in s.logprobs}}
+        if None in s.logprobs:
+            tasks[task]["base"] = metrics.classification(s.probs(None), s.gold)
     average = {k: float(np.mean([t["ensemble"][k] for t in tasks.values()])) for k in ("accuracy", "macro_f1", "nll")}
     return {"tasks": tasks, "average": average}
+
+
+def predictions(ensemble: EnsembleModel, rows: pl.DataFrame, scores: dict[str, TaskScores]) -> pl.DataFrame:
+    """Per row (id, task, label): the ensemble's predicted label, for paired comparisons
+    (bootstrap confidence intervals over rows)."""
+    parts = []
+    for task, s in scores.items():
+        choices = ensemble.manifest.task(task).labels
+        predicted = s.combined(ensemble.manifest, task).argmax(1)
+        part = rows.filter(pl.col("task") == task).select("id", "task", "label")
+        parts.append(part.with_columns(predicted=pl.Series([choices[k] for k in predicted], dtype=pl.String)))
+    return pl.concat(parts)
 
 
 def evaluate(manifest_path: str | Path, data: str | Path, split: str | None = None) -> dict:
@@ -80,10 +108,13 @@ def evaluate(manifest_path: str | Path, data: str | Path, split: str | None = No
 
 
 def show(result: dict, title: str = "Ensemble") -> None:
+    def base(t: dict) -> str:
+        return f"{t['base']['accuracy']:.3f}" if "base" in t else ""
+
     rows = [(task, str(t["ensemble"]["rows"]), f"{t['ensemble']['accuracy']:.3f}", f"{t['ensemble']['macro_f1']:.3f}",
-             f"{t['ensemble']['nll']:.3f}", f"{max(a['accuracy'] for a in t['adapters'].values()):.3f}")
+             f"{t['ensemble']['nll']:.3f}", f"{max(a['accuracy'] for a in t['adapters'].values()):.3f}", base(t))
             for task, t in result["tasks"].items()]
     avg = result["average"]
-    rows.append(("average", "", f"{avg['accuracy']:.3f}", f"{avg['macro_f1']:.3f}", f"{avg['nll']:.3f}", ""))
-    table(f"{title} on {result['split']} rows", ["task", "rows", "accuracy", "macro-F1", "NLL", "best single adapter"],
-          rows)
+    rows.append(("average", "", f"{avg['accuracy']:.3f}", f"{avg['macro_f1']:.3f}", f"{avg['nll']:.3f}", "", ""))
+    table(f"{title} on {result['split']} rows", ["task", "rows", "accuracy", "macro-F1", "NLL", "best single adapter",
+                                                 "base model"], rows)

@@ -4,7 +4,8 @@ A task's classes are its verbalized answers. Each class is scored by the next-to
 log-probability of the first token of its answer after the prompt (one forward pass per prompt
 and adapter, exact over the label set; the vLLM backend computes the same number). Class
 probabilities are those log-probabilities renormalised over the task's labels; the ensemble's
-distribution is the weighted mixture of its adapters' class probabilities.
+distribution (`combine`) is the weighted mixture of its adapters' class probabilities, plus the
+boosting terms in label-logit space.
 """
 
 from __future__ import annotations
@@ -68,6 +69,27 @@ def class_probs(logprobs: torch.Tensor) -> torch.Tensor:
 def mixture(per_adapter: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """The weighted mixture of the adapters' class probabilities (B, L)."""
     return sum(w * class_probs(per_adapter[name]) for name, w in weights.items() if w > 0)
+
+
+def boosted(mixed: torch.Tensor, steps: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """Class probabilities (B, L) of softmax(log mixed + sum nu * delta) for (nu, delta) in
+    `steps`, delta a boosting adapter's label log-probabilities minus the anchor's (B, L)."""
+    logits = torch.log(mixed.double().clamp_min(1e-300))
+    for nu, delta in steps:
+        logits = logits + nu * delta.double()
+    return torch.softmax(logits, dim=-1)
+
+
+def combine(per_model: dict[str | None, torch.Tensor], manifest: Manifest, task: str) -> torch.Tensor:
+    """The ensemble's class probabilities (B, L) for `task`, from the label log-probabilities
+    (B, L) of every model in `manifest.models(task)` (None: the bare base): the weighted
+    mixture of the adapters' class probabilities, then each boosting step added in label-logit
+    space, nu * (the boosting adapter's log-probabilities - the anchor's). The anchor's own
+    output is the first-order model's starting point, so only the boosting adapter's change
+    from it is added; per-row constants (the full-vocabulary normaliser) cancel in the softmax."""
+    entry = manifest.task(task)
+    mixed = mixture(per_model, entry.weights)
+    return boosted(mixed, [(b.step, per_model[b.adapter] - per_model[manifest.anchor]) for b in entry.boost])
 
 
 @contextmanager

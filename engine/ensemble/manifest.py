@@ -1,7 +1,11 @@
 """`ensemble.json`: everything needed to evaluate or serve an adapter ensemble, and its checks.
 
 The manifest is the contract between `sift train` (writes it), `sift evaluate` and `sift serve`
-(read it). Loading validates it completely — adapters present, in PEFT safetensors format, of a
+(read it). A task's prediction (engine/ensemble/labels.py, `combine`) is the weighted mixture of
+its adapters' class probabilities, then each boosting step added in label-logit space: the
+boosting adapter's label log-probabilities minus the anchor's (`anchor`: the adapter every
+boosting adapter started from; null: the bare base model, which a fresh LoRA computes exactly),
+times the step's size. Loading validates it completely — adapters present, in PEFT safetensors format, of a
 rank the server is configured for, weights that name known adapters and sum to one — so a broken
 ensemble fails with one line before any model is loaded.
 """
@@ -24,14 +28,23 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 class AdapterEntry(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     path: str = Field(description="PEFT adapter folder, relative to the manifest's folder or absolute")
-    kind: Literal["group", "boost", "task", "all"] = "group"
+    kind: Literal["group", "boost", "task", "all", "anchor"] = "group"
     tasks: list[str] = Field(description="tasks the adapter was trained on (boost: the tasks it corrects)")
     rank: int = Field(ge=1)
+
+
+class BoostStep(StrictModel):
+    """One boosting round's term: step * (the adapter's label log-probabilities - the anchor's)."""
+
+    adapter: str
+    step: float = Field(gt=0, description="the step size nu, chosen by line search on validation rows")
 
 
 class TaskEntry(StrictModel):
     labels: list[str] = Field(min_length=2, description="the verbalized answers; class order")
     weights: dict[str, float] = Field(description="adapter name -> mixture weight (>= 0, sum 1)")
+    boost: list[BoostStep] = Field(default_factory=list, description="boosting terms added in label-logit "
+                                                                     "space, in the order they were fitted")
 
     @model_validator(mode="after")
     def _weights(self) -> "TaskEntry":
@@ -55,6 +68,8 @@ class Manifest(StrictModel):
     max_length: int = Field(128, ge=2)
     max_lora_rank: int = Field(ge=1, description="servers size their LoRA slots by it")
     adapters: list[AdapterEntry] = Field(min_length=1)
+    anchor: str | None = Field(None, description="the adapter boosting adapters are measured against (kind "
+                                                 "anchor); null: the bare base model")
     tasks: dict[str, TaskEntry] = Field(min_length=1)
     metrics: dict = Field(default_factory=dict)
     flops: dict[str, float] = Field(default_factory=dict)
@@ -68,6 +83,11 @@ class Manifest(StrictModel):
             unknown = sorted(set(entry.weights) - set(names))
             if unknown:
                 raise ValueError(f"task {task!r} weights unknown adapter(s) {unknown}")
+            unknown = sorted({b.adapter for b in entry.boost} - set(names))
+            if unknown:
+                raise ValueError(f"task {task!r} boosts with unknown adapter(s) {unknown}")
+        if self.anchor is not None and self.anchor not in names:
+            raise ValueError(f"anchor {self.anchor!r} is not an adapter of the manifest")
         for adapter in self.adapters:
             if adapter.rank > self.max_lora_rank:
                 raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > max_lora_rank {self.max_lora_rank}")
@@ -83,6 +103,16 @@ class Manifest(StrictModel):
         if name not in self.tasks:
             raise SiftError(f"unknown task {name!r}; the manifest has {', '.join(self.tasks)}")
         return self.tasks[name]
+
+    def models(self, task: str) -> list[str | None]:
+        """Every model whose label log-probabilities the task's prediction needs: the adapters
+        with a weight, the boosting adapters and, when it boosts, the anchor (None: the bare base)."""
+        entry = self.task(task)
+        names: list[str | None] = [n for n, w in entry.weights.items() if w > 0]
+        names += [b.adapter for b in entry.boost]
+        if entry.boost:
+            names.append(self.anchor)
+        return list(dict.fromkeys(names))
 
 
 class LoadedManifest(Manifest):

@@ -56,10 +56,10 @@ class EnsembleModel:
 
     def label_logprobs(self, task: str, texts: list[str], adapters: list[str | None] | None = None,
                        batch: int = 32) -> dict[str | None, torch.Tensor]:
-        """Per adapter (default: those the task weights; None: the bare base), (B, L) next-token
-        log-probabilities of the task's label tokens after each text's prompt."""
+        """Per adapter (default: every model the task's prediction needs; None: the bare base),
+        (B, L) next-token log-probabilities of the task's label tokens after each text's prompt."""
         entry = self.manifest.task(task)
-        names = adapters if adapters is not None else [n for n, w in entry.weights.items() if w > 0]
+        names = adapters if adapters is not None else self.manifest.models(task)
         for name in names:
             if name is not None:
                 self.manifest.adapter(name)
@@ -80,10 +80,10 @@ class EnsembleModel:
                     for i in range(0, len(prompts), batch)])
         return out
 
-    def classify(self, task: str, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The ensemble's class probabilities (B, L) and each adapter's label log-probabilities."""
-        per_adapter = self.label_logprobs(task, texts)
-        return labels.mixture(per_adapter, self.manifest.task(task).weights), per_adapter
+    def classify(self, task: str, texts: list[str]) -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
+        """The ensemble's class probabilities (B, L) and each model's label log-probabilities."""
+        per_model = self.label_logprobs(task, texts)
+        return labels.combine(per_model, self.manifest, task), per_model
 
 
 def _loading(entry, action):

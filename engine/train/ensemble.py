@@ -3,10 +3,12 @@
 One LoRA (QLoRA with --qlora: the same code on a 4-bit base) per group, each a `train-lora` run
 with Ray Train, as many groups at once as the cluster's CPUs allow for their workers. Every
 adapter starts from the gradient store's anchor LoRA (same spec and seed), so a boosting adapter
-theta_init + P w lives in the same space. Then, per task, mixture weights over all adapters are
-fitted on the validation rows; optional boosting rounds add residual adapters while the
-validation NLL improves. Outputs: adapters/<name>/ (PEFT safetensors), ensemble.json, report.json.
-A rerun skips the groups already trained.
+theta_init + P w lives in the same space. Then, per task, mixture weights over the group
+adapters are fitted on the validation rows; optional boosting rounds (engine/ensemble/boost.py)
+add residual adapters in label-logit space, each kept only if it lowers both the training
+residual and the validation NLL. Outputs: adapters/<name>/ (PEFT safetensors), ensemble.json,
+report.json, predictions-test.parquet (the ensemble's label for every test row). A rerun skips
+the groups already trained.
 """
 
 from __future__ import annotations
@@ -100,28 +102,36 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
     rank = _rank(out / "adapters" / names[0])
     entries = [manifest_io.AdapterEntry(name=n, path=f"adapters/{n}", kind="group", tasks=g, rank=rank)
                for n, g in zip(names, partition)]
+    anchor = None
+    if cfg.boost and anchor_cfg.adapter is not None:  # boosting adapters are measured against it
+        anchor = "anchor"
+        shutil.rmtree(out / "adapters" / anchor, ignore_errors=True)
+        shutil.copytree(anchor_cfg.adapter, out / "adapters" / anchor)
+        entries.append(manifest_io.AdapterEntry(name=anchor, path=f"adapters/{anchor}", kind="anchor",
+                                                tasks=sorted(labels), rank=_rank(out / "adapters" / anchor)))
     own = {t: n for n, g in zip(names, partition) for t in g}
     manifest = manifest_io.Manifest(
         base_model=anchor_cfg.model, quantize=cfg.quantize, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer,
-        max_length=anchor_cfg.max_length, max_lora_rank=rank, adapters=entries,
-        tasks={t: manifest_io.TaskEntry(labels=labels[t], weights={own[t]: 1.0}) for t in own})
+        max_length=anchor_cfg.max_length, max_lora_rank=max(e.rank for e in entries), adapters=entries,
+        anchor=anchor, tasks={t: manifest_io.TaskEntry(labels=labels[t], weights={own[t]: 1.0}) for t in own})
     manifest_io.write(manifest, out)
 
-    validation = frame.filter(pl.col("split") == "validation")
+    validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(list(own)))
     ensemble = EnsembleModel.load(manifest_io.load(out))
     scores = evaluate.score_rows(ensemble, validation)
     manifest = _fit_weights(manifest, scores)
     boosting = []
     if cfg.boost:
-        manifest, boosting = _boost(cfg, ensemble, manifest, anchor_cfg, grads, frame, scores, out)
+        manifest, boosting = _boost(cfg, ensemble, manifest, grads, frame, scores, out)
     manifest = manifest_io.load(manifest_io.write(manifest, out))
     ensemble.update(manifest)
     results = {"validation": evaluate.report(ensemble, scores)}
     test = frame.filter((pl.col("split") == "test") & pl.col("task").is_in(list(own)))
     if test.height:
-        results["test"] = evaluate.report(ensemble, evaluate.score_rows(ensemble, test))
-    stage_flops = _flops(ensemble, frame, grads, partition, trained, cfg.groups and Path(cfg.groups),
-                         [b for b in boosting if b["accepted"]])
+        test_scores = evaluate.score_rows(ensemble, test)
+        results["test"] = evaluate.report(ensemble, test_scores)
+        evaluate.predictions(ensemble, test, test_scores).write_parquet(out / "predictions-test.parquet")
+    stage_flops = _flops(ensemble, frame, grads, partition, trained, cfg.groups and Path(cfg.groups), boosting)
     final = manifest.model_copy(update={
         "metrics": {split: r["average"] for split, r in results.items()}, "flops": stage_flops})
     manifest_io.write(final, out)
@@ -171,8 +181,8 @@ def _rank(adapter: Path) -> int:
 
 
 def _fit_weights(manifest: manifest_io.Manifest, scores: dict[str, evaluate.TaskScores]) -> manifest_io.Manifest:
-    """Per task, EM mixture weights over every adapter on the validation rows."""
-    names = [a.name for a in manifest.adapters]
+    """Per task, EM mixture weights over the group adapters on the validation rows."""
+    names = [a.name for a in manifest.adapters if a.kind == "group"]
     tasks = {}
     for task, entry in manifest.tasks.items():
         w = mixture_weights.fit(np.stack([scores[task].gold_prob(n) for n in names]))
@@ -181,81 +191,137 @@ def _fit_weights(manifest: manifest_io.Manifest, scores: dict[str, evaluate.Task
 
 
 def _validation_nll(manifest: manifest_io.Manifest, scores: dict[str, evaluate.TaskScores]) -> float:
-    values = []
-    for task, entry in manifest.tasks.items():
-        values.append(-np.log(np.clip(scores[task].mixed_gold_prob(entry.weights), 1e-12, None)).mean())
-    return float(np.mean(values))
+    """The mean over tasks of the ensemble's NLL (every task counts once)."""
+    return float(np.mean([scores[task].nll(manifest, task) for task in manifest.tasks]))
 
 
-def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest_io.Manifest,
-           anchor_cfg: GradsConfig, grads: Path, frame: pl.DataFrame, val_scores: dict[str, evaluate.TaskScores],
-           out: Path) -> tuple[manifest_io.Manifest, list[dict]]:
-    """Residual adapters added while the validation NLL improves: the final manifest (its
-    validation scores are filled into `val_scores`; `ensemble` holds its adapters and maybe the
-    last, rejected one) and a record of every round tried."""
+def _residuals(manifest: manifest_io.Manifest, scores: dict[str, evaluate.TaskScores], rows: pl.DataFrame) -> np.ndarray:
+    """r = 1 - p_ensemble(gold) of every row, in the order of `rows`."""
+    residual = np.empty(rows.height)
+    for task in manifest.tasks:
+        s = scores[task]
+        residual[(rows["task"] == task).to_numpy()] = 1.0 - s.combined(manifest, task)[np.arange(len(s.gold)), s.gold]
+    return residual
+
+
+def _stepped(manifest: manifest_io.Manifest, name: str, nu: float) -> manifest_io.Manifest:
+    """`manifest` with boosting adapter `name` added to every task with step nu (none: nu = 0)."""
+    if nu <= 0:
+        return manifest
+    step = manifest_io.BoostStep(adapter=name, step=nu)
+    return manifest.model_copy(update={"tasks": {t: e.model_copy(update={"boost": [*e.boost, step]})
+                                                 for t, e in manifest.tasks.items()}})
+
+
+def _moves(anchor: Anchor, folders: list[Path]) -> list[float]:
+    """How far each adapter (a PEFT folder) moved from the anchor's LoRA weights: |theta - theta*|."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    start = get_peft_model_state_dict(anchor.featurizer.score.model)
+    moves = []
+    for folder in folders:
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        moves.append(float(sum((weights[k].float() - v.float()).norm() ** 2 for k, v in start.items()) ** 0.5))
+    return moves
+
+
+def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest_io.Manifest, grads: Path,
+           frame: pl.DataFrame, val_scores: dict[str, evaluate.TaskScores], out: Path
+           ) -> tuple[manifest_io.Manifest, list[dict]]:
+    """Boosting rounds while each lowers the training residual and the validation NLL: the final
+    manifest (the new adapters' validation scores are added to `val_scores`; `ensemble` may still
+    hold the last, rejected adapter) and a record of every round tried."""
     tasks = list(manifest.tasks)
     train = frame.filter((pl.col("split") == "train") & pl.col("task").is_in(tasks))
     validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(tasks))
-    G, f = boost.gradients_of(grads, train["id"].to_list())
+    G, _ = boost.gradients_of(grads, train["id"].to_list())
+    G = boost.centred(G, train["task"].to_numpy())
+    alpha = boost.relative_alpha(G, cfg.boost_alpha)
     anchor = Anchor(grads)
+    moves = _moves(anchor, [out / "adapters" / a.name for a in manifest.adapters if a.kind == "group"])
+    max_norm = cfg.boost_max_norm * float(np.median(moves))
     train_scores = evaluate.score_rows(ensemble, train)
+    residual = _residuals(manifest, train_scores, train)
     current = _validation_nll(manifest, val_scores)
     rounds = []
     for k in range(1, cfg.boost + 1):
-        residual = np.empty(train.height)
-        for task, entry in manifest.tasks.items():
-            residual[(train["task"] == task).to_numpy()] = 1.0 - train_scores[task].mixed_gold_prob(entry.weights)
         name = f"boost-{k}"
         folder = out / "adapters" / name
-        size = boost.save_adapter(anchor, boost.residual_w(G, f, torch.as_tensor(residual), cfg.boost_alpha), folder)
+        w = boost.residual_w(G, torch.as_tensor(residual), alpha)
+        fitted, size = boost.save_adapter(anchor, w, folder, max_norm)
         entry = manifest_io.AdapterEntry(name=name, path=f"adapters/{name}", kind="boost", tasks=tasks,
                                          rank=_rank(folder))
-        mixed = {t: e.model_copy(update={"weights": {**{n: v * (1 - cfg.boost_weight) for n, v in e.weights.items()},
-                                                     name: cfg.boost_weight}}) for t, e in manifest.tasks.items()}
-        candidate = manifest.model_copy(update={"adapters": [*manifest.adapters, entry], "tasks": mixed})
-        ensemble.update(manifest_io.load(manifest_io.write(candidate, out)))
-        for task, s in evaluate.score_rows(ensemble, validation, adapters=[name]).items():
-            val_scores[task].probs[name] = s.probs[name]
-        nll = _validation_nll(candidate, val_scores)
-        rounds.append({"round": k, "validation_nll": nll, "before": current, "accepted": nll < current,
-                       "update_norm": size})
-        if nll >= current:
+        held = manifest.model_copy(update={"adapters": [*manifest.adapters, entry]})
+        ensemble.update(manifest_io.load(manifest_io.write(held, out)))
+        for task, s in evaluate.score_rows(ensemble, validation, models=[name]).items():
+            val_scores[task].logprobs[name] = s.logprobs[name]
+        nu, nll = boost.line_search(lambda v: _validation_nll(_stepped(held, name, v), val_scores), cfg.boost_max_step)
+        record = {"round": k, "step": nu, "validation_nll": nll, "before": current,
+                  "train_residual_before": float(residual.mean()), "train_residual": float(residual.mean()),
+                  "update_norm": size, "fitted_norm": fitted, "max_norm": max_norm, "accepted": False}
+        rounds.append(record)
+        if nu > 0:
+            candidate = _stepped(held, name, nu)
+            for task, s in evaluate.score_rows(ensemble, train, models=[name]).items():
+                train_scores[task].logprobs[name] = s.logprobs[name]
+            after = _residuals(candidate, train_scores, train)
+            record.update(train_residual=float(after.mean()), accepted=after.mean() < residual.mean())
+        if not record["accepted"]:
             shutil.rmtree(folder)
             manifest_io.write(manifest, out)
             break
-        for task, s in evaluate.score_rows(ensemble, train, adapters=[name]).items():
-            train_scores[task].probs[name] = s.probs[name]
-        manifest, current = candidate, nll
+        manifest, current, residual = candidate, nll, after
     return manifest, rounds
 
 
 def _flops(ensemble: EnsembleModel, frame: pl.DataFrame, grads: Path, partition: list[list[str]],
            trained: list[dict], groups_dir: Path | None, boosting: list[dict]) -> dict[str, float]:
-    """FLOPs per stage (engine/ensemble/flops.py has the formulas)."""
+    """FLOPs per stage (engine/ensemble/flops.py has the formulas) and `pipeline`, their sum with
+    inference over the test rows. The gradient pass counts only where something used it: a
+    grouping (its estimator) or boosting; one adapter trained on a given partition needs none."""
     from engine.features.store import FeatureStore
 
+    manifest = ensemble.manifest
     # Base weights only; a 4-bit Params4bit stores two weights per element.
     params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
                  for n, p in ensemble.model.get_base_model().named_parameters() if "lora_" not in n)
     sample = frame["text"].head(500).to_list()
     tokens = float(np.mean([len(ensemble.tokenizer(t)["input_ids"]) for t in sample])) + 2  # prompt + answer
-    train = frame.filter(pl.col("split") == "train")
-    examples = 0
+    forward, train_pass = flops.forward(params, tokens), flops.train(params, tokens)
+    tasks = list(manifest.tasks)
+    train = frame.filter((pl.col("split") == "train") & pl.col("task").is_in(tasks))
+    validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(tasks))
+    test_rows = frame.filter((pl.col("split") == "test") & pl.col("task").is_in(tasks)).height
+    examples, evaluated = 0, 0
     for group, run in zip(partition, trained):
         c = run["config"]
         rows = train.filter(pl.col("task").is_in(group)).height
         steps = c["steps_per_epoch"] or max(1, rows // (c["batch_size"] * run["workers"]))
         examples += len(run["history"]) * steps * c["batch_size"] * run["workers"]
+        # every epoch: the validation loss and the label-set accuracy, a forward pass each
+        evaluated += len(run["history"]) * 2 * validation.filter(pl.col("task").is_in(group)).height
     estimator = 0.0
     if groups_dir is not None:
         info = json.loads((groups_dir / "groups.json").read_text())["estimator"]
         estimator = flops.estimator_fits(info["affinity_fits"] + info["search_fits"], info["rows"], info["dim"])
-    rounds = len(boosting)
-    weighted = np.mean([sum(1 for w in e.weights.values() if w > 0) for e in ensemble.manifest.tasks.values()])
     store = FeatureStore(grads)
-    return {"gradient_pass": flops.train(params, tokens) * store.rows().height,
-            "estimator": estimator,
-            "training": flops.train(params, tokens) * examples,
-            "boosting": rounds * (flops.forward(params, tokens) * frame.height + flops.ridge(train.height, store.spec.dim)),
-            "inference_per_query": flops.forward(params, tokens) * float(weighted),
-            "adapters_per_query": float(weighted)}
+    gradient_pass = train_pass * store.rows().height if groups_dir is not None or boosting else 0.0
+    # Weights: every group adapter and the anchor over the validation rows.
+    weight_fit = forward * validation.height * (sum(a.kind == "group" for a in manifest.adapters) + 1)
+    # Boosting, per round tried: the ridge, the new adapter over validation and (if a step was
+    # found) training rows, and once the training rows under every group adapter and the anchor.
+    boosting_flops = 0.0
+    if boosting:
+        boosting_flops = forward * train.height * (sum(a.kind == "group" for a in manifest.adapters) + 1)
+        for record in boosting:
+            boosting_flops += flops.ridge(train.height, store.spec.dim) + forward * (
+                validation.height + (train.height if record["step"] > 0 else 0))
+    per_query = float(np.mean([len(manifest.models(t)) for t in tasks]))
+    stages = {"gradient_pass": gradient_pass, "estimator": estimator, "training": train_pass * examples +
+              forward * evaluated, "weight_fit": weight_fit, "boosting": boosting_flops,
+              "inference_per_query": forward * per_query, "adapters_per_query": per_query,
+              "test_queries": float(test_rows)}
+    stages["pipeline"] = (gradient_pass + estimator + stages["training"] + weight_fit + boosting_flops
+                          + stages["inference_per_query"] * test_rows)
+    return stages

@@ -1,13 +1,15 @@
 """`sift train-lora`: fit one LoRA (QLoRA with --qlora: the same code on a 4-bit base) on the
 training rows of some tasks, with Ray Train's TorchTrainer (data parallel, gloo on CPU).
 
-The loss is cross-entropy on the answer, computed as softplus(-f) with f the answer score the
-estimator uses (for a one-token answer, softplus(-log(p/(1-p))) = -log p); `objective: lm`
+The loss is plain cross-entropy on the answer tokens (engine/features/objective.py; the clipped
+answer score f of the estimator is a gradient feature, not a training loss); `objective: lm`
 instead adapts the model to raw texts with the causal LM loss (the downstream check of pool
-selection). Every epoch is
-evaluated on the tasks' validation rows and checkpointed as a PEFT adapter (safetensors); the
-best epoch by validation accuracy is kept in OUT/adapter. A rerun with the same OUT resumes from
-the last checkpoint.
+selection). Every epoch is evaluated on the tasks' validation rows, as the ensemble will use
+the adapter: accuracy is the argmax over each task's labels of the first answer token's
+log-probability (engine/ensemble/labels.py), averaged over tasks; the loss is the training
+loss. Each epoch is checkpointed as a PEFT adapter (safetensors); the best epoch by validation
+accuracy (then loss) is kept in OUT/adapter. A rerun with the same OUT resumes from the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 from engine import runtime
 from engine.config import LoraTrainConfig
 from engine.data.ingest import examples_path
+from engine.ensemble import labels as label_scores
 from engine.errors import SiftError
 from engine.features.grads import anchor_model, encode_row
 from engine.features import answers, objective
@@ -32,7 +36,8 @@ from engine.features.per_example import AnswerScore
 ADAPTER = "adapter"
 
 
-def _rows(cfg: LoraTrainConfig, split: str) -> pl.DataFrame:
+def _rows(cfg: LoraTrainConfig, split: str | None) -> pl.DataFrame:
+    """The rows of the configured tasks in one split (None: every split)."""
     path = examples_path(cfg.data)
     frame = pl.read_parquet(path)
     if cfg.tasks is not None:
@@ -40,19 +45,69 @@ def _rows(cfg: LoraTrainConfig, split: str) -> pl.DataFrame:
         if missing:
             raise SiftError(f"task(s) {missing} not in {path}")
         frame = frame.filter(pl.col("task").is_in(cfg.tasks))
-    return frame.filter(pl.col("split").fill_null("train") == split)
+    return frame if split is None else frame.filter(pl.col("split").fill_null("train") == split)
 
 
-def _evaluate(score: AnswerScore, encoded: list, pad: int, kind: str, batch: int = 32) -> dict:
+@dataclass
+class LabelRows:
+    """Validation rows of one task, scored over the task's labels: the prompts (the encoded
+    row without its answer), the first token of each label's answer, the gold label's index."""
+
+    prompts: list[list[int]]
+    token_ids: list[int]
+    gold: np.ndarray
+
+
+def label_rows(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame, choices: dict[str, list[str]]) -> list[LabelRows]:
+    """Per task of `frame` whose labels differ in their first answer token, its rows for the
+    label-set accuracy (tasks whose labels cannot be told apart that way are left out)."""
+    out = []
+    for task in sorted(set(frame["task"].drop_nulls())):
+        try:
+            token_ids = label_scores.label_token_ids(tokenizer, cfg.answer, choices[task])
+        except SiftError:
+            continue
+        prompts, gold = [], []
+        for row in frame.filter(pl.col("task") == task).iter_rows(named=True):
+            encoded = encode_row(tokenizer, cfg, row)
+            if not isinstance(encoded, str) and row["label"] in choices[task]:
+                prompts.append(encoded[0][:encoded[1]])
+                gold.append(choices[task].index(row["label"]))
+        if prompts:
+            out.append(LabelRows(prompts, token_ids, np.array(gold)))
+    return out
+
+
+def label_accuracy(model, rows: list[LabelRows], pad: int, batch: int = 32) -> float:
+    """The mean over tasks of the share of rows whose gold label has the highest first-token
+    log-probability among the task's labels; NaN without such rows."""
+    if not rows:
+        return float("nan")
+    accuracy = []
+    for task in rows:
+        logp = torch.cat([label_scores.next_token_logprobs(model, task.prompts[i:i + batch], task.token_ids, pad)
+                          for i in range(0, len(task.prompts), batch)])
+        accuracy.append(float((logp.argmax(-1).numpy() == task.gold).mean()))
+    return float(np.mean(accuracy))
+
+
+def _evaluate(score: AnswerScore, encoded: list, labelled: list[LabelRows], pad: int, kind: str,
+              batch: int = 32) -> dict:
+    """Validation loss (the training loss) and, for answers, the label-set accuracy."""
     if not encoded:
         return {"val_loss": float("nan"), "val_accuracy": float("nan")}
-    if kind == "lm":
-        with torch.no_grad():
-            batches = [answers.collate(encoded[i:i + batch], pad) for i in range(0, len(encoded), batch)]
-            total = sum(float(objective.loss(score, b, "lm")) * len(b) for b in batches)
-        return {"val_loss": total / len(encoded), "val_accuracy": float("nan")}
-    f = objective.score(score, encoded, pad, batch)
-    return {"val_loss": float(torch.nn.functional.softplus(-f).mean()), "val_accuracy": float((f > 0).float().mean())}
+    with torch.no_grad():
+        batches = [answers.collate(encoded[i:i + batch], pad) for i in range(0, len(encoded), batch)]
+        total = sum(float(objective.loss(score, b, kind)) * len(b) for b in batches)
+    accuracy = label_accuracy(score.model, labelled, pad, batch) if kind == "answer" else float("nan")
+    return {"val_loss": total / len(encoded), "val_accuracy": accuracy}
+
+
+def _choices(cfg: LoraTrainConfig) -> dict[str, list[str]]:
+    """Each task's labels (sorted, the ensemble's class order), from all of its rows."""
+    frame = _rows(cfg, None)
+    return {t: sorted(frame.filter(pl.col("task") == t)["label"].drop_nulls().unique().to_list())
+            for t in frame["task"].drop_nulls().unique().to_list()}
 
 
 def _encode(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame) -> list:
@@ -86,7 +141,9 @@ def train_loop(config: dict) -> None:
     score = AnswerScore(model)
     every = _encode(tokenizer, cfg, _rows(cfg, "train"))
     train = every[rank::world]
-    validation = _encode(tokenizer, cfg, _rows(cfg, "validation"))
+    validation_rows = _rows(cfg, "validation")
+    validation = _encode(tokenizer, cfg, validation_rows)
+    labelled = label_rows(tokenizer, cfg, validation_rows, _choices(cfg)) if cfg.objective == "answer" else []
     trained = ray.train.torch.prepare_model(score) if world > 1 else score
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     # Every rank takes the same number of steps (DDP all-reduces each one), from the global count.
@@ -97,7 +154,7 @@ def train_loop(config: dict) -> None:
         model.train()
         losses = objective.train_steps(trained, optimizer, train, steps, cfg.batch_size, pad, rng, cfg.objective)
         model.eval()
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, pad, cfg.objective)}
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, labelled, pad, cfg.objective)}
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 model.save_pretrained(str(Path(folder) / ADAPTER))
