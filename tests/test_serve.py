@@ -4,8 +4,6 @@ loopback, a free port) answering real HTTP requests, checked against the referen
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 
@@ -13,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.ensemble import labels, manifest
-from engine.ensemble.model import EnsembleModel
+from engine.ensemble import labels
 from engine.serve.client import ROOT, ServerProcess, get, post
 
 ANIMAL_PLANT = ["A small furry animal that climbs trees.", "A tall plant with yellow flowers",
@@ -164,43 +161,12 @@ def test_oversized_body_is_refused_unread_and_the_server_keeps_serving(server):
     assert status == 200 and body["results"][0]["answer"] in ("animal", "plant")
 
 
-def test_swap_refuses_a_manifest_above_the_slot_rank_and_keeps_serving(server, tiny_manifest, tmp_path):
-    from tests.conftest import write_random_adapter
-
-    folder = tmp_path / "big"
-    shutil.copytree(tiny_manifest.parent, folder)
-    write_random_adapter(folder / "adapters" / "group-2", seed=99, r=16)  # rank 16 > the server's 8
-    raw = json.loads((folder / manifest.FILENAME).read_text())
-    raw["max_lora_rank"] = 16
-    raw["adapters"][2]["rank"] = 16
-    (folder / manifest.FILENAME).write_text(json.dumps(raw))
-    status, body = post(server.url, "/v1/ensemble", {"manifest": str(folder)})
-    assert status == 400 and "adapter 'group-2' has rank 16, above the server's max_lora_rank 8" in body["error"]["message"]
-    status, body = post(server.url, "/v1/ensemble", {"manifest": str(tmp_path / "missing")})
-    assert status == 400 and "ensemble manifest not found" in body["error"]["message"]
+def test_swapping_is_off_by_default(server, tiny_manifest):
+    """Without allow_swap, POST /v1/ensemble is refused whatever it names (tests/test_serve_hostile.py
+    has the swaps of a server that allows them)."""
+    status, body = post(server.url, "/v1/ensemble", {"manifest": str(tiny_manifest)})
+    assert status == 403 and "swapping the ensemble is off" in body["error"]["message"]
     assert post(server.url, "/v1/classify", {"task": "fortunes-law-politics", "text": "x"})[0] == 200
-
-
-def test_swap_serves_a_retrained_ensemble(server, tiny_manifest, tmp_path, reference):
-    from tests.conftest import write_random_adapter
-
-    folder = tmp_path / "v2"
-    shutil.copytree(tiny_manifest.parent, folder)
-    write_random_adapter(folder / "adapters" / "group-0", seed=77)
-    raw = json.loads((folder / manifest.FILENAME).read_text())
-    raw["tasks"]["wordnet-animal-plant"]["weights"] = {"group-0": 1.0}
-    (folder / manifest.FILENAME).write_text(json.dumps(raw))
-    text = ANIMAL_PLANT[0]
-    try:
-        assert post(server.url, "/v1/ensemble", {"manifest": str(folder)})[0] == 200
-        body = post(server.url, "/v1/classify", {"task": "wordnet-animal-plant", "text": text})[1]
-        new = EnsembleModel.load(manifest.load(folder)).label_logprobs("wordnet-animal-plant", [text])["group-0"][0]
-        old = reference.label_logprobs("wordnet-animal-plant", [text])["group-0"][0]
-        got = np.array(list(body["results"][0]["adapters"]["group-0"]["logprobs"].values()))
-        assert list(body["results"][0]["adapters"]) == ["group-0"]
-        assert np.abs(got - new.numpy()).max() < 1e-5 and np.abs(got - old.numpy()).max() > 1e-3
-    finally:
-        assert post(server.url, "/v1/ensemble", {"manifest": str(tiny_manifest)})[0] == 200
 
 
 def test_cli_refuses_a_manifest_above_the_configured_rank(tiny_manifest):

@@ -132,6 +132,6 @@ def test_bad_input_and_still_serving(vllm_server, tiny_manifest, tmp_path):
     assert post(vllm_server.url, "/v1/classify", raw=b"{nope")[0] == 400
     assert post(vllm_server.url, "/v1/classify", {"task": "wordnet-animal-plant", "text": "x" * 9000})[0] == 413
     status, body = post(vllm_server.url, "/v1/ensemble", {"manifest": str(tmp_path / "nothing")})
-    assert status == 400 and "not found" in body["error"]["message"]
+    assert status == 403 and "swapping the ensemble is off" in body["error"]["message"]
     status, body = post(vllm_server.url, "/v1/classify", {"task": "wordnet-animal-plant", "text": "a dog"})
     assert status == 200 and body["backend"] == "vllm"

@@ -5,8 +5,8 @@ the manifest, or None for the bare base model. Everything else (prompts, validat
 the mixture) lives in engine.serve.service, so both backends are held to the same numbers.
 
 `peft` is engine.ensemble.model.EnsembleModel (the reference scorer of `sift evaluate`): the
-models run one after the other over the same prompts, under a lock (one PeftModel, one active
-adapter at a time). `vllm` (engine.serve.vllm_backend) batches all of them in one engine step.
+models run one after the other over the same prompts, on one worker thread (one PeftModel, one
+active adapter at a time). `vllm` (engine.serve.vllm_backend) batches all of them in one engine step.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import os
 import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,16 @@ def context_length(model_path, configured: int | None) -> int:
     return min(native, MAX_CONTEXT)
 
 
+class Cancelled(Exception):
+    """The request whose work this was has gone (timed out or disconnected)."""
+
+
 class PeftBackend(Backend):
+    """Every model call and every swap runs on one worker thread, in arrival order: the PeftModel
+    has one active adapter at a time, and the event loop (and /health) never waits on it. Work
+    not started when its request is cancelled never runs; work under way stops at the next
+    adapter or generated token."""
+
     name = "peft"
 
     def __init__(self, cfg: ServeConfig, manifest: LoadedManifest):
@@ -106,39 +116,76 @@ class PeftBackend(Backend):
         from engine.models import builtin
 
         torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sift-peft")
+        self._loads = 0
         self.manifest = manifest
-        self.trust_remote_code = cfg.trust_remote_code
-        self.ensemble = EnsembleModel.load(manifest, trust_remote_code=cfg.trust_remote_code)
+        held, self.names = self._held(manifest)
+        self.ensemble = EnsembleModel.load(held, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = self.ensemble.tokenizer
         self.max_model_len = context_length(builtin.resolve(manifest.base_model), cfg.max_model_len)
-        self._lock = threading.Lock()
+
+    def _held(self, manifest: LoadedManifest) -> tuple[LoadedManifest, dict[str, str]]:
+        """`manifest` with each adapter under a name new to the PeftModel (NAME__vK), and the map
+        from API names: EnsembleModel.update knows adapters by name, and a retrained adapter
+        keeps its name, so every swap loads fresh copies (the base model stays)."""
+        self._loads += 1
+        names = {a.name: f"{a.name}__v{self._loads}" for a in manifest.adapters}
+        held = manifest.model_copy(update={
+            "adapters": [a.model_copy(update={"name": names[a.name]}) for a in manifest.adapters],
+            "tasks": {t: e.model_copy(update={"weights": {names[n]: w for n, w in e.weights.items()}})
+                      for t, e in manifest.tasks.items()}})
+        return held, names
+
+    async def _run(self, fn, *args):
+        """`fn(*args, cancel)` on the worker thread; cancelling the caller sets `cancel`."""
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args, cancel)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even when abandoned
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            future.cancel()  # a no-op once it runs: `cancel` stops it instead
+            raise
 
     async def label_logprobs(self, prompts, token_ids, models):
-        return await asyncio.to_thread(self._label_logprobs, prompts, token_ids, models)
-
-    async def swap(self, manifest):
-        from engine.ensemble.model import EnsembleModel
-        from engine.serve.errors import bad
-
-        try:
-            ensemble = await asyncio.to_thread(EnsembleModel.load, manifest, self.trust_remote_code)
-        except SiftError as exc:
-            raise bad(str(exc), "manifest") from None
-        with self._lock:
-            self.ensemble, self.manifest = ensemble, manifest
+        return await self._run(self._label_logprobs, prompts, token_ids, models)
 
     async def generate(self, prompts, models, params):
-        return await asyncio.to_thread(self._generate, prompts, models, params)
+        return await self._run(self._generate, prompts, models, params)
 
-    def _label_logprobs(self, prompts, token_ids, models):
-        with self._lock:
-            out = self.ensemble.logprobs(prompts, token_ids, models)
-        return {name: lp.double().numpy() for name, lp in out.items()}
+    async def swap(self, manifest):
+        await self._run(self._swap, manifest)
 
-    def _generate(self, prompts, models, params: GenParams):
+    def _swap(self, manifest: LoadedManifest, cancel: threading.Event) -> None:
+        held, names = self._held(manifest)
+        try:
+            self.ensemble.update(held)
+        except SiftError:
+            for name in names.values():  # what it loaded before failing: the old adapters stay
+                if name in self.ensemble.model.peft_config:
+                    self.ensemble.model.delete_adapter(name)
+            raise
+        self.manifest, self.names = manifest, names
+
+    def _label_logprobs(self, prompts, token_ids, models, cancel: threading.Event):
+        out = {}
+        for name in models:
+            if cancel.is_set():
+                raise Cancelled()
+            held = None if name is None else self.names[name]
+            out[name] = self.ensemble.logprobs(prompts, token_ids, [held])[held].double().numpy()
+        return out
+
+    def _generate(self, prompts, models, params: GenParams, cancel: threading.Event):
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         from engine.ensemble import labels
+
+        class StopWhenCancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         width = max(len(p) for p in prompts)
@@ -149,22 +196,26 @@ class PeftBackend(Backend):
             mask[i, width - len(ids):] = 1
         sample = params.temperature > 0
         kwargs = dict(do_sample=sample, temperature=params.temperature if sample else None,
-                      top_p=params.top_p if sample else None, top_k=None)
+                      top_p=params.top_p if sample else None, top_k=None,
+                      stopping_criteria=StoppingCriteriaList([StopWhenCancelled()]))
         device = next(self.ensemble.model.parameters()).device
         out = {}
-        with self._lock:
-            for name in models:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                with labels.active(self.ensemble.model, name), torch.no_grad():
-                    tokens = self.ensemble.model.generate(
-                        input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                        max_new_tokens=params.max_tokens, pad_token_id=pad, eos_token_id=eos, **kwargs)
-                results = []
-                for row in tokens[:, width:].tolist():
-                    if eos in row:
-                        results.append(Generated(row[:row.index(eos) + 1], "stop"))
-                    else:
-                        results.append(Generated(row, "length"))
-                out[name] = results
+        for name in models:
+            if cancel.is_set():
+                raise Cancelled()
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            with labels.active(self.ensemble.model, None if name is None else self.names[name]), torch.no_grad():
+                tokens = self.ensemble.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    max_new_tokens=params.max_tokens, pad_token_id=pad, eos_token_id=eos, **kwargs)
+            results = []
+            for row in tokens[:, width:].tolist():
+                if eos in row:
+                    results.append(Generated(row[:row.index(eos) + 1], "stop"))
+                else:
+                    results.append(Generated(row, "length"))
+            out[name] = results
+        if cancel.is_set():
+            raise Cancelled()
         return out

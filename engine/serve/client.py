@@ -22,20 +22,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(url: str, method: str, path: str, body=None, raw: bytes | None = None,
-            timeout: float = 120.0) -> tuple[int, dict]:
-    """One HTTP request; returns (status, JSON body or {"text": ...} when not JSON)."""
+def request(url: str, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120.0,
+            headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """One HTTP request; returns (status, JSON body or {"text": ...} when not JSON). A POST says
+    Content-Type: application/json unless `headers` says otherwise."""
+    status, _, body = exchange(url, method, path, body, raw, timeout, headers)
+    return status, body
+
+
+def exchange(url: str, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120.0,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], dict]:
+    """`request`, with the response headers too (names in lower case)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        sent = {"Content-Type": "application/json"} if method == "POST" else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
         response = conn.getresponse()
         text = response.read().decode()
+        got = {k.lower(): v for k, v in response.getheaders()}
         try:
-            return response.status, json.loads(text)
+            return response.status, got, json.loads(text)
         except json.JSONDecodeError:
-            return response.status, {"text": text}
+            return response.status, got, {"text": text}
     finally:
         conn.close()
 
@@ -53,17 +63,20 @@ class ServerProcess:
     its own process group; started and ready on __enter__, interrupted (Ctrl-C) on __exit__."""
 
     def __init__(self, manifest: str | Path, backend: str, python: str | None = None, port: int | None = None,
-                 extra: list[str] | None = None, log: str | Path | None = None, ready_s: float = 300.0):
+                 extra: list[str] | None = None, log: str | Path | None = None, ready_s: float = 300.0,
+                 env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [python or sys.executable, "-m", "engine.cli", "serve", str(manifest), "--backend", backend,
                     "--port", str(self.port), *(extra or [])]
         self.log_path = Path(log) if log else None
         self.ready_s = ready_s
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "ServerProcess":
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               **self.env}
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -8,11 +8,13 @@ from engine.errors import SiftError
 class RequestError(SiftError):
     """A bad request: the server answers `status` with {"error": {"message", "type", "code"}}."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.param = param
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.status}}

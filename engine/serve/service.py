@@ -30,6 +30,8 @@ from engine.serve.errors import bad, not_found, too_large
 
 ENSEMBLE = "ensemble"
 BASE = "base"
+MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (as vLLM does): logits / 1e-300 overflow
 
 
 class Request(BaseModel):
@@ -55,14 +57,15 @@ class CompletionRequest(Request):
     top_p: float = Field(1.0, gt=0, le=1)
     n: Literal[1] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: Literal[False] = False
     user: str | None = None
     task: str | None = None
 
 
 class SwapRequest(Request):
-    manifest: str = Field(description="another ensemble.json (or its folder) on the same base model")
+    manifest: str = Field(description="another ensemble.json (or its folder) on the same base model, inside the "
+                                      "server's manifest_root (absolute, or relative to it)")
 
 
 def load_manifest(cfg: ServeConfig) -> LoadedManifest:
@@ -104,27 +107,31 @@ class Service:
                                                                                 entry.labels)))
                           for task, entry in manifest.tasks.items()}
 
-    async def swap(self, req: SwapRequest) -> dict:
-        """Serve another manifest on the same base (a retrained ensemble) without a restart. Its
-        adapters must fit the slots the server started with; on any error the old one stays."""
-        try:
-            new = manifest_mod.load(req.manifest)
-            check_rank(new, self.max_lora_rank)
-            reserved = sorted({a.name for a in new.adapters} & {ENSEMBLE, BASE})
-            if reserved:
-                raise SiftError(f"adapter name(s) {reserved} are reserved by the API")
-            if (new.base_model, new.prompt, new.answer, new.max_length, new.quantize) != (
-                    self.manifest.base_model, self.manifest.prompt, self.manifest.answer, self.manifest.max_length,
-                    self.manifest.quantize):
-                raise SiftError("the new manifest differs in base_model, prompt, answer, max_length or quantize; "
-                                "start a new server for it")
-            for task, entry in new.tasks.items():
-                labels.label_token_ids(self.tokenizer, new.answer, entry.labels)
-        except SiftError as exc:
-            raise bad(str(exc), "manifest") from None
-        await self.backend.swap(new)
-        self._use(new)
-        return self.health()
+    def check(self, new: LoadedManifest) -> LoadedManifest:
+        """`new` if this server can swap to it: same base and prompt format, adapters that fit
+        the slots it started with, labels told apart by their first token; else a SiftError."""
+        check_rank(new, self.max_lora_rank)
+        reserved = sorted({a.name for a in new.adapters} & {ENSEMBLE, BASE})
+        if reserved:
+            raise SiftError(f"adapter name(s) {reserved} are reserved by the API")
+        if (new.base_model, new.prompt, new.answer, new.max_length, new.quantize) != (
+                self.manifest.base_model, self.manifest.prompt, self.manifest.answer, self.manifest.max_length,
+                self.manifest.quantize):
+            raise SiftError("the new manifest differs in base_model, prompt, answer, max_length or quantize; "
+                            "start a new server for it")
+        for entry in new.tasks.values():
+            labels.label_token_ids(self.tokenizer, new.answer, entry.labels)
+        return new
+
+    def admit(self, path: str) -> LoadedManifest:
+        """The manifest at `path`, read and checked (blocking file reads: call it in a thread)."""
+        return self.check(manifest_mod.load(path))
+
+    async def use(self, manifest: LoadedManifest) -> None:
+        """Serve `manifest` (checked) from now on: the backend switches adapters on the loaded
+        base; on a SiftError the old ones stay."""
+        await self.backend.swap(manifest)
+        self._use(manifest)
 
     @classmethod
     async def create(cls, cfg: ServeConfig) -> "Service":
@@ -244,7 +251,8 @@ class Service:
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if any(not s for s in stops):
             raise bad("stop strings must not be empty", "stop")
-        params = GenParams(req.max_tokens, req.temperature, req.top_p, req.seed)
+        temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
+        params = GenParams(req.max_tokens, temperature, req.top_p, req.seed)
         generated = await self.backend.generate(prompts, models, params)
         choices, completion_tokens = [], 0
         for i in range(len(texts)):
