@@ -58,10 +58,10 @@ def test_odd_rows_and_values_from_every_file_type(tmp_path, ray_session):
     quarantined = pl.read_parquet(tmp_path / "out" / QUARANTINE)
     assert summary.rows_in == 14 + 3 + 2 + 1 == kept.height + quarantined.height
     assert (kept.height, quarantined.height) == (summary.rows_out, summary.rows_quarantined)
-    surrogate = "lone surrogate in {} (an unpaired \\u escape such as \\ud800)"
+    surrogate = "lone surrogate in field '{}' (an unpaired \\u escape such as \\ud800)"
     assert _by_source(quarantined, "reason") == {
         "odd.jsonl:1": surrogate.format("text"),
-        "odd.jsonl:2": surrogate.format("meta"),
+        "odd.jsonl:2": surrogate.format("note"),
         "odd.jsonl:4": "line longer than 200 bytes",
         "odd.jsonl:5": "non-string text (list)",
         "odd.jsonl:6": "label is a list (expected a string or a number)",
@@ -129,9 +129,8 @@ def test_out_inside_the_input_folder_does_not_ingest_its_outputs(tmp_path, ray_s
     data = _linked_folder(tmp_path)
     out = data / "ingested"
     first = ingest(IngestConfig(inputs=[str(data)], out=str(out)))
-    again = ingest(IngestConfig(inputs=[str(data)], out=str(out), force=True))  # summary.json, parquet now there
-    reused = ingest(IngestConfig(inputs=[str(data)], out=str(out)))
-    assert first.rows_in == again.rows_in == 4 and reused.reused
+    again = ingest(IngestConfig(inputs=[str(data)], out=str(out)))  # summary.json, parquet now there
+    assert first.rows_in == again.rows_in == 4
     globbed = ingest(IngestConfig(inputs=[str(data / "**" / "*")], out=str(out)))
     assert globbed.rows_in == 4
 

@@ -30,6 +30,7 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,7 +376,7 @@ def _normalize(record: dict[str, Any], reason: str | None, columns: SchemaConfig
 
     A value that cannot be what its field means (a list or an object where text, a label, an
     id, a task or a split belongs) is stored as JSON for the quarantine file, never as a Python
-    repr; a lone surrogate (from a JSON `\\ud800` escape) is replaced by U+FFFD for the same file.
+    repr.
     """
     problems = [reason] if reason else []
     text = record.get(columns.text, _MISSING)
@@ -401,12 +402,7 @@ def _normalize(record: dict[str, Any], reason: str | None, columns: SchemaConfig
         keys["id"] = content_id(text if text is not None else "", keys["task"])
     known = {columns.text, columns.id, columns.task, columns.label, columns.split}
     extra = {k: v for k, v in record.items() if k not in known}
-    row = {"text": text, **keys, "meta": _json(extra) if extra else None}
-    for name, value in row.items():
-        if isinstance(value, str) and not value.isascii() and _has_surrogates(value):
-            problems.append(f"lone surrogate in {name} (an unpaired \\u escape such as \\ud800)")
-            row[name] = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return {**row, "reason": problems[0] if problems else None}
+    return {"text": text, **keys, "meta": _json(extra) if extra else None, "reason": problems[0] if problems else None}
 
 
 def _json(value: Any) -> str:
@@ -448,6 +444,20 @@ def _lines(path: str, encoding: str, max_bytes: int) -> Iterator[tuple[int, byte
                 yield number, raw
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _repair_surrogates(value: Any) -> Any:
+    """A parsed JSON value with every lone surrogate (keys too, nested) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, list):
+        return [_repair_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_repair_surrogates(k): _repair_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def _jsonl_records(path: str, encoding: str, max_bytes: int) -> Iterator[tuple[int, dict, str | None]]:
     for number, raw in _lines(path, encoding, max_bytes):
         if raw is None:
@@ -470,6 +480,12 @@ def _jsonl_records(path: str, encoding: str, max_bytes: int) -> Iterator[tuple[i
             raise SiftError(f"{path}: invalid JSON at line {number}: {exc.msg}") from None
         if not isinstance(record, dict):
             raise SiftError(f"{path}: line {number} holds a JSON {type(record).__name__}, expected an object")
+        if _SURROGATE_ESCAPE.search(line):  # a \ud800-\udfff escape: arrow and UTF-8 cannot hold one alone
+            broken = [k for k, v in record.items() if _has_surrogates(json.dumps({k: v}, ensure_ascii=False))]
+            if broken:
+                record = _repair_surrogates(record)
+                reason = reason or (f"lone surrogate in field '{_repair_surrogates(broken[0])}' "
+                                    "(an unpaired \\u escape such as \\ud800)")
         yield number, record, reason
 
 

@@ -14,6 +14,7 @@ Values read the same whatever file type they came from (JSON has types, CSV has 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -49,6 +50,8 @@ _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def scalar_text(value: Any) -> str | None:
     """A scalar field value as the text sift stores (see the module docstring); TypeError for a
     list, an object or bytes."""
+    if type(value) is str:  # the common case first: this runs for several fields of every row
+        return value if value and not value.isspace() else None
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, bool):
@@ -64,8 +67,11 @@ def scalar_text(value: Any) -> str | None:
 def normalize_label(value: Any) -> str | None:
     """A label as text by what it means: numbers by value, booleans lower-case, no outer spaces."""
     text = scalar_text(value)
-    if text is None:
-        return None
+    return None if text is None else _label_text(text)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a label column holds few distinct values
+def _label_text(text: str) -> str:
     text = text.strip()
     if text.lower() in ("true", "false"):
         return text.lower()
