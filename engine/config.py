@@ -56,7 +56,6 @@ class IngestConfig(StrictModel):
     max_chars: PositiveInt = Field(20_000, description="longer texts are quarantined")
     max_line_bytes: PositiveInt = Field(4 << 20, description="longer jsonl/csv lines are quarantined, never read whole")
     labels: list[str] | None = Field(None, description="allowed labels; others are quarantined")
-    force: bool = Field(False, description="redo even if OUT already holds this ingest")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

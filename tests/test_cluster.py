@@ -232,7 +232,11 @@ def test_ingest_reads_uris(tmp_path, ray_session):
 
     ingest(IngestConfig(inputs=[str(raw), str(tmp_path / "c.parquet")], out=tmp_path / "local"))
     assert pl.read_parquet(tmp_path / "local" / EXAMPLES).equals(kept)  # the same rows either way
-    assert ingest(IngestConfig(inputs=[folder, parquet], out=tmp_path / "out")).reused  # fingerprinted by stat
+    from engine import executor
+    from engine.stages import STAGES
+
+    cfg = IngestConfig(inputs=[folder, parquet], out=tmp_path / "staged")
+    assert [executor.run(STAGES["ingest"], cfg).status for _ in range(2)] == ["ran", "skipped (done)"]
 
     for inputs, message in [
         ([f"file://{tmp_path}/missing"], f"no such file or folder: file://{tmp_path}/missing"),

@@ -79,23 +79,25 @@ def test_every_row_is_accounted_for(tmp_path, ray_session):
 
 
 def test_rerun_reuses_and_force_reproduces(tmp_path, ray_session):
+    from engine import executor
+    from engine.stages import STAGES
+
     inputs = _mixed_inputs(tmp_path)
-    first = ingest(IngestConfig(inputs=inputs, out=tmp_path / "out"))
+    cfg = IngestConfig(inputs=inputs, out=tmp_path / "out")
+    first = executor.run(STAGES["ingest"], cfg)
     before = (tmp_path / "out" / EXAMPLES).read_bytes(), (tmp_path / "out" / QUARANTINE).read_bytes()
-    again = ingest(IngestConfig(inputs=inputs, out=tmp_path / "out"))
-    assert again.reused and not first.reused
-    forced = ingest(IngestConfig(inputs=inputs, out=tmp_path / "out", force=True))
-    assert not forced.reused
+    again = executor.run(STAGES["ingest"], cfg)
+    assert (first.status, again.status) == ("ran", "skipped (done)") and again.result == first.result
+    assert executor.run(STAGES["ingest"], cfg, force=True).status == "ran"
     after = (tmp_path / "out" / EXAMPLES).read_bytes(), (tmp_path / "out" / QUARANTINE).read_bytes()
     assert before == after  # deterministic output, byte for byte
-    assert json.loads((tmp_path / "out" / SUMMARY).read_text())["rows_in"] == first.rows_in
+    assert json.loads((tmp_path / "out" / SUMMARY).read_text())["rows_in"] == first.result.rows_in
 
 
 def test_changed_settings_are_not_reused(tmp_path, ray_session):
     inputs = _mixed_inputs(tmp_path)
     ingest(IngestConfig(inputs=inputs, out=tmp_path / "out"))
     stricter = ingest(IngestConfig(inputs=inputs, out=tmp_path / "out", max_chars=12))
-    assert not stricter.reused
     assert stricter.reasons["text longer than 12 chars"] >= 5
 
 

@@ -3,14 +3,13 @@
 Ray Data reads the files in parallel (one task per file, streaming batches) into a staging
 folder; polars then validates the staged rows as a whole (duplicate ids need every row), writes
 both outputs in input order, and checks the accounting `rows_in == rows_out + rows_quarantined`.
-A rerun with the same inputs and settings finds `summary.json` and does nothing (and fails as
-the first run did when no row was kept). An --out inside an input folder is fine: a folder or
-glob input never picks up this ingest's own outputs.
+Skipping a finished ingest is the executor's job (engine/executor.py), as for every stage; an
+ingest that kept no row fails, and leaves no done marker, so a rerun fails again. An --out
+inside an input folder is fine: a folder or glob input never picks up this ingest's own outputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,44 +36,32 @@ URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 @dataclass
 class IngestSummary:
     out: str
-    fingerprint: str
     rows_in: int
     rows_out: int
     rows_quarantined: int
     reasons: dict[str, int] = field(default_factory=dict)
     sources: list[dict] = field(default_factory=list)  # path, rows_in, rows_out, rows_quarantined
     tasks: dict[str, int] = field(default_factory=dict)  # kept rows per task
-    reused: bool = False
 
 
 def ingest(cfg: IngestConfig) -> IngestSummary:
     if cfg.out is None:
         raise SiftError("ingest needs an output folder (--out DIR)")
     if URI_LIKE.match(str(cfg.out)):  # a Path turns s3://b/x into s3:/b/x: a local folder named 's3:'
-        raise SiftError(f"--out {cfg.out}: ingest writes to a local or mounted folder; URIs are for inputs only")
+        raise SiftError(f"--out {cfg.out}: ingest() writes a local folder; `sift ingest` (the stage) stages it "
+                        "locally and uploads it to object storage")
     out = Path(cfg.out)
     sources = readers.resolve(cfg.inputs, exclude=tuple(str(out / name) for name in (EXAMPLES, QUARANTINE, SUMMARY,
                                                                                       STAGING)))
     for source in sources:
         readers.preflight(source, cfg)
-    fingerprint = _fingerprint(sources, cfg)
-    previous = _load_summary(out)
-    if previous and previous.fingerprint == fingerprint and not cfg.force:
-        previous.reused = True
-        return _some_rows_kept(previous)
-
     out.mkdir(parents=True, exist_ok=True)
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     runtime.start(cfg.runtime)
     _read_to_staging(sources, cfg, staging)
-    summary = _validate_and_write(staging, out, sources, cfg, fingerprint)
+    summary = _validate_and_write(staging, out, sources, cfg)
     shutil.rmtree(staging, ignore_errors=True)
-    return _some_rows_kept(summary)
-
-
-def _some_rows_kept(summary: IngestSummary) -> IngestSummary:
-    """An ingest that kept nothing is an error, on the first run and on every rerun that reuses it."""
     if summary.rows_out == 0:
         raise SiftError(f"no valid rows: all {summary.rows_in} rows were quarantined "
                         f"(see {Path(summary.out) / QUARANTINE})")
@@ -100,7 +87,7 @@ def _read_files(batch, cfg: IngestConfig):
             yield readers.fatal_table(source.path, str(exc))
 
 
-def _validate_and_write(staging: Path, out: Path, sources, cfg: IngestConfig, fingerprint: str) -> IngestSummary:
+def _validate_and_write(staging: Path, out: Path, sources, cfg: IngestConfig) -> IngestSummary:
     files = sorted(staging.glob("*.parquet"))
     raw = pl.scan_parquet(files) if files else pl.LazyFrame(schema=pl.Schema(RAW_SCHEMA))
     fatal = raw.filter(pl.col("order") == readers.FATAL_ORDER).select("reason").head(1).collect()
@@ -121,7 +108,6 @@ def _validate_and_write(staging: Path, out: Path, sources, cfg: IngestConfig, fi
     by_file = {row["file"]: row for row in per_file.iter_rows(named=True)}
     summary = IngestSummary(
         out=str(out),
-        fingerprint=fingerprint,
         rows_in=checked.height,
         rows_out=kept.height,
         rows_quarantined=quarantined.height,
@@ -149,24 +135,6 @@ def _counts(frame: pl.DataFrame, key: pl.Expr) -> dict[str, int]:
     return dict(zip(counted["key"].to_list(), counted["len"].to_list()))
 
 
-def _fingerprint(sources: list[readers.Source], cfg: IngestConfig) -> str:
-    """Inputs (path, size, mtime) and the settings that change the result."""
-    h = hashlib.sha256()
-    for s in sources:
-        size, mtime_ns = readers.file_stat(s.path)
-        h.update(f"{s.path}|{s.format}|{size}|{mtime_ns}\n".encode())
-    settings = cfg.model_dump(mode="json", exclude={"out", "force", "runtime", "inputs"})
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
-def _load_summary(out: Path) -> IngestSummary | None:
-    path = out / SUMMARY
-    if not (path.is_file() and (out / EXAMPLES).is_file() and (out / QUARANTINE).is_file()):
-        return None
-    return IngestSummary(**json.loads(path.read_text()))
-
-
 def examples_path(data: str | os.PathLike | None) -> Path:
     """The examples file of `--data`: an ingest folder's examples.parquet, or a parquet file."""
     if data is None:
@@ -190,8 +158,7 @@ def show(summary: IngestSummary) -> None:
     """Summary tables: rows per source, quarantine reasons, kept rows per task."""
     from engine.report import table
 
-    note = " (reused: inputs unchanged)" if summary.reused else ""
-    table(f"Ingest -> {summary.out}{note}", ["source", "rows in", "kept", "quarantined"], [
+    table(f"Ingest -> {summary.out}", ["source", "rows in", "kept", "quarantined"], [
         *[(s["path"], s["rows_in"], s["rows_out"], s["rows_quarantined"]) for s in summary.sources],
         ("total", summary.rows_in, summary.rows_out, summary.rows_quarantined),
     ])
