@@ -151,3 +151,15 @@ def test_boosting_steps_are_added_in_label_logit_space(tiny_manifest, tmp_path):
     expected = torch.softmax(mixed.log() + 0.5 * (per_model["group-2"] - per_model[None]).double(), -1)
     assert torch.allclose(probs, expected)
     assert not torch.allclose(probs, mixed, atol=1e-3)  # the step changes the prediction
+
+
+def test_renaming_adapters_renames_every_reference(tiny_manifest, tmp_path):
+    def boost_with_group_2(raw, folder):
+        raw["tasks"]["fortunes-law-politics"]["boost"] = [{"adapter": "group-2", "step": 0.5}]
+        raw["adapters"][2]["kind"] = "anchor"
+        raw["anchor"] = "group-2"
+
+    loaded = manifest.load(_edited(tiny_manifest, tmp_path, boost_with_group_2))
+    renamed = loaded.renamed({a.name: f"{a.name}__v2" for a in loaded.adapters})
+    assert renamed.models("fortunes-law-politics") == ["group-1__v2", "group-2__v2"]
+    assert renamed.anchor == "group-2__v2" and [a.name for a in renamed.adapters][0] == "group-0__v2"

@@ -104,6 +104,17 @@ class Manifest(StrictModel):
             raise SiftError(f"unknown task {name!r}; the manifest has {', '.join(self.tasks)}")
         return self.tasks[name]
 
+    def renamed(self, names: dict[str, str]) -> "Manifest":
+        """The same ensemble with every adapter called names[old]: in the adapter list, the
+        tasks' weights and boosting steps, and the anchor."""
+        return self.model_copy(update={
+            "adapters": [a.model_copy(update={"name": names[a.name]}) for a in self.adapters],
+            "anchor": None if self.anchor is None else names[self.anchor],
+            "tasks": {t: e.model_copy(update={
+                "weights": {names[n]: w for n, w in e.weights.items()},
+                "boost": [b.model_copy(update={"adapter": names[b.adapter]}) for b in e.boost]})
+                for t, e in self.tasks.items()}})
+
     def models(self, task: str) -> list[str | None]:
         """Every model whose label log-probabilities the task's prediction needs: the adapters
         with a weight, the boosting adapters and, when it boosts, the anchor (None: the bare base)."""

@@ -307,13 +307,15 @@ def _flops(ensemble: EnsembleModel, frame: pl.DataFrame, grads: Path, partition:
         estimator = flops.estimator_fits(info["affinity_fits"] + info["search_fits"], info["rows"], info["dim"])
     store = FeatureStore(grads)
     gradient_pass = train_pass * store.rows().height if groups_dir is not None or boosting else 0.0
-    # Weights: every group adapter and the anchor over the validation rows.
-    weight_fit = forward * validation.height * (sum(a.kind == "group" for a in manifest.adapters) + 1)
-    # Boosting, per round tried: the ridge, the new adapter over validation and (if a step was
-    # found) training rows, and once the training rows under every group adapter and the anchor.
+    # Weights: every group adapter over the validation rows (one adapter needs no weights).
+    groups = sum(a.kind == "group" for a in manifest.adapters)
+    weight_fit = forward * validation.height * groups if groups > 1 else 0.0
+    # Boosting: once, the anchor over the validation rows and the training rows under every group
+    # adapter and the anchor; per round tried, the ridge, the new adapter over the validation
+    # rows and (if a step was found) the training rows.
     boosting_flops = 0.0
     if boosting:
-        boosting_flops = forward * train.height * (sum(a.kind == "group" for a in manifest.adapters) + 1)
+        boosting_flops = forward * (validation.height + train.height * (groups + 1))
         for record in boosting:
             boosting_flops += flops.ridge(train.height, store.spec.dim) + forward * (
                 validation.height + (train.height if record["step"] > 0 else 0))
