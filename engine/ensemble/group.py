@@ -110,12 +110,16 @@ def _search(cfg: GroupConfig, data: subsets.TaskGradients, aff: grouping.Affinit
     grid = tuner.fit()
     if grid.errors:
         raise SiftError(f"a local search failed: {str(grid.errors[0]).strip().splitlines()[-1][:300]}")
-    frame = grid.get_dataframe()
     candidates = []
-    for _, row in frame.iterrows():
+    # Each trial's last result as Tune holds it, not grid.get_dataframe(): that reads the trials'
+    # result.json / progress.csv, which are not written when TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set.
+    for result in grid:
+        row, start = result.metrics, result.config["start"]
+        if not row or "labels" not in row:
+            raise SiftError(f"the local search from start {start} left no result under {out / 'tune'}; "
+                            f"delete that folder and rerun")
         labels = json.loads(row["labels"])
         loss, accuracy = json.loads(row["loss"]), json.loads(row["accuracy"])
-        start = row["config/start"]
         candidates.append(Candidate(
             start=start, start_affinity=grouping.density(aff.T, np.array(starts[start])),
             affinity=grouping.density(aff.T, np.array(labels)), start_objective=float(row["start_objective"]),
