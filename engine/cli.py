@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="build the built-in models into the cache")
     models.add_argument("names", nargs="*", help="default: all (minilm, smollm2-135m, tiny-llama)")
+    models.add_argument("--to", help="also copy them to this folder or URI (e.g. s3://bucket/models), from where "
+                                     "every node of a cluster loads them: --model s3://bucket/models/minilm")
     models.set_defaults(handler=_models)
 
     for name, help_ in (("run", "run a pipeline file: its steps in order, skipping finished ones"),
@@ -132,7 +134,14 @@ def _models(args: argparse.Namespace) -> None:
     from engine.report import table
 
     names = args.names or list(builtin.BUILDERS)
-    table("Built-in models", ["name", "folder"], [(n, str(builtin.resolve(n))) for n in names])
+    folders = {n: str(builtin.resolve(n)) for n in names}
+    if args.to:
+        from engine import storage
+
+        for name, folder in folders.items():
+            folders[name] = storage.join(storage.validate_uri(args.to), name)
+            storage.upload(folder, folders[name])
+    table("Built-in models", ["name", "folder"], folders.items())
 
 
 if __name__ == "__main__":

@@ -43,3 +43,14 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert done.stderr.strip() == f"sift: error: no such file or folder: {tmp_path / 'missing.jsonl'}"
     bad = _run("demo", "--set", "pool.corpora=[news]")
     assert bad.returncode == 2 and "config error" in bad.stderr and "pool.corpora.0" in bad.stderr
+
+
+def test_models_staged_to_object_storage_load_from_there(s3_dir):
+    """`sift models --to URI` is how built-in models reach every node of a cluster."""
+    from engine.cli import main
+    from engine.models import builtin, load
+
+    assert main(["models", "tiny-llama", "--to", f"{s3_dir}/models"]) == 0
+    model = load.load_causal_lm(builtin.resolve(f"{s3_dir}/models/tiny-llama"))
+    reference = load.load_causal_lm(builtin.resolve("tiny-llama"))
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
