@@ -159,7 +159,9 @@ def test_suite_to_select_tasks_end_to_end(tmp_path, ray_session):
 
 
 def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
-    """`sift estimate --calibrate` end to end on a small suite (tiny Llama, 3 subsets, 5 steps)."""
+    """`sift estimate --calibrate` end to end on a small suite (tiny Llama, 3 subsets, 6 steps): the
+    fine-tunes train on the estimator's rows and lower the target loss (their curves are kept), the
+    constant predictor stands beside the estimator, accuracy is the argmax over the labels."""
     import json
 
     from engine.cli import main
@@ -170,10 +172,19 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
                  "--model", "tiny-llama", "--dim", "32"]) == 0
     assert main(["estimate", "--calibrate", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
                  "--target", "wordnet-animal-plant", "--out", str(tmp_path / "cal"), "--subsets", "3",
-                 "--steps", "5", "--set", "eval_rows=16"]) == 0
+                 "--steps", "6", "--set", "eval_rows=16", "--set", "lr=1e-2", "--set", "eval_every=3"]) == 0
     report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert len(report["real_loss"]) == len(report["estimated_loss"]) == 3
     assert all(np.isfinite(report["real_loss"])) and report["time_ratio"] > 1
+    curves = report["curves"]
+    assert [c["steps"] for c in curves] == [[0, 3, 6]] * 3 and all(len(c["train_loss"]) == 6 for c in curves)
+    assert report["fine_tunes_lowering_target_loss"] == 3, [c["target_loss"] for c in curves]
+    # training rows: the target's 32 and those of the subset's tasks, exactly as the estimate fitted
+    assert sorted(c["train_rows"] for c in curves) == sorted(32 + 32 * len(s) for s in report["subsets"])
+    assert report["constant_as_good"] == (report["constant_mean_squared_relative_error"]
+                                          <= report["mean_squared_relative_error"])
+    for key in ("estimated_accuracy", "real_accuracy", "estimated_macro_f1", "real_macro_f1"):
+        assert all(0 <= v <= 1 for v in report[key]), key
     errors = [a["mean_r2"] for a in report["approximation"]]
     assert errors[0] < errors[-1], "a 8x larger update must leave the first-order regime further"
     assert (tmp_path / "cal" / "calibration.png").is_file()

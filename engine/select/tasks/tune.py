@@ -14,6 +14,7 @@ import numpy as np
 
 from engine import runtime
 from engine.config import RuntimeConfig
+from engine.errors import SiftError
 from engine.select.tasks import subsets
 from engine.select.tasks.estimator import Fitting, LabelRows
 
@@ -52,12 +53,18 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
             metric="loss", mode="min", num_samples=samples,
             search_alg=search_alg or BasicVariantGenerator(max_concurrent=max(1, int(info.cpus)), random_state=seed)))
     results = tuner.fit()
-    frame = results.get_dataframe().sort_values("trial_id")
-    chosen = np.array([[bool(row[f"config/{c}"]) for c in candidates] for _, row in frame.iterrows()])
-    scored = "accuracy" in frame
-    return subsets.SubsetEstimates(candidates, chosen, frame["loss"].to_numpy(),
-                                   frame["accuracy"].to_numpy() if scored else None,
-                                   frame["macro_f1"].to_numpy() if scored else None)
+    for result in results:
+        if result.error:
+            raise SiftError(f"a select-tasks trial failed: {str(result.error).splitlines()[0]}")
+    # From the results themselves (a restored experiment's too), in trial order; not from
+    # get_dataframe(), which reads the experiment's files back and can come back empty.
+    trials = sorted((r for r in results), key=lambda r: r.metrics["trial_id"])
+    chosen = np.array([[bool(r.config[c]) for c in candidates] for r in trials])
+    scored = all("accuracy" in r.metrics for r in trials)
+    return subsets.SubsetEstimates(
+        candidates, chosen, np.array([r.metrics["loss"] for r in trials]),
+        np.array([r.metrics["accuracy"] for r in trials]) if scored else None,
+        np.array([r.metrics["macro_f1"] for r in trials]) if scored else None)
 
 
 def experiment_name(prefix: str, *settings) -> str:
