@@ -11,7 +11,7 @@ import torch
 
 from engine.ensemble import metrics, weights
 from engine.ensemble import grouping
-from engine.select.tasks.subsets import TaskGradients
+from engine.select.tasks.subsets import TaskGradients, load
 from tests.test_ensemble_train import suite_grads  # noqa: F401  (suite of 3 tasks + its tiny-llama store)
 
 
@@ -193,3 +193,45 @@ def test_select_tasks_for_a_target_with_validation_rows_only(suite_grads, tmp_pa
     at_anchor = store.f[store.rows(target, train=False)]
     assert trace[0] == pytest.approx(float(torch.nn.functional.softplus(-at_anchor).mean()), rel=1e-5)
     assert len(trace) == 3 and trace == sorted(trace, reverse=True)
+
+
+def test_group_reports_both_measures_for_every_start(suite_grads, tmp_path, capsys):  # noqa: F811
+    """groups.json and the summary give, for the chosen partition and for every start before and
+    after its search, the within-group affinity and the estimator's objective."""
+    import json
+
+    import polars as pl
+
+    from engine.config import GroupConfig
+    from engine.ensemble.group import group_tasks, show
+
+    report = group_tasks(GroupConfig(data=suite_grads / "suite", grads=suite_grads / "grads", out=tmp_path, groups=2,
+                                     subsets=10, restarts=1, rounds=3))
+    assert json.loads((tmp_path / "groups.json").read_text()) == json.loads(json.dumps(report))
+    frame = pl.read_parquet(tmp_path / "affinity.parquet")
+    T = frame.drop("task").to_numpy()
+    scorer = grouping.GroupScorer(load(suite_grads / "grads", suite_grads / "suite"), lam=1e-3)
+    assert {c["start"] for c in report["candidates"]} == {"sdp", "spectral", "random-0"}
+    for c in report["candidates"]:
+        assert c["affinity"] == pytest.approx(grouping.density(T, np.array(c["labels"])))
+        assert c["objective"] == pytest.approx(scorer.objective(np.array(c["labels"])))
+        assert c["objective"] <= c["start_objective"] + 1e-12
+    chosen = next(c for c in report["candidates"] if c["start"] == report["chosen"])
+    assert (report["affinity"], report["objective"]) == (chosen["affinity"], chosen["objective"])
+    capsys.readouterr()
+    show(report)
+    shown = " ".join(capsys.readouterr().out.split())  # rich wraps long titles at the console's width
+    assert f"within-group affinity {report['affinity']:+.4f}, objective {report['objective']:.4f}" in shown
+    assert f"{chosen['start_affinity']:+.4f} -> {chosen['affinity']:+.4f}" in shown
+
+
+def test_affinity_needs_training_and_validation_rows():
+    from engine.errors import SiftError
+
+    data = _planted()
+    no_train = TaskGradients(data.tasks, data.G, data.f, data.task, data.train & (data.task != 2))
+    with pytest.raises(SiftError, match=r"task\(s\) \['task-2'\] have no training rows"):
+        grouping.affinity(no_train, subsets=10, ratio=0.5, lam=1e-3, seed=0)
+    no_validation = TaskGradients(data.tasks, data.G, data.f, data.task, data.train | (data.task == 4))
+    with pytest.raises(SiftError, match=r"task\(s\) \['task-4'\] have no validation rows"):
+        grouping.affinity(no_validation, subsets=10, ratio=0.5, lam=1e-3, seed=0)

@@ -68,6 +68,9 @@ def affinity(data: TaskGradients, subsets: int, ratio: float, lam: float, seed: 
     missing = [t for t in data.tasks if not bool((data.task == data.tasks.index(t)).logical_and(~data.train).any())]
     if missing:
         raise SiftError(f"task(s) {missing} have no validation rows: the affinity needs them")
+    untrained = [t for t in data.tasks if not bool(data.rows(t, train=True).any())]
+    if untrained:
+        raise SiftError(f"task(s) {untrained} have no training rows: the affinity fits every task on its own rows")
     sets = random_subsets(n, subsets, max(ratio, 2 / n), seed)  # a pair at least, or T says nothing
     # The single tasks make every K[i, k] identifiable whatever the random subsets are (all of one
     # size, all the same when ratio = 1); the random subsets average K over realistic group sizes.
