@@ -211,7 +211,7 @@ def test_each_adapter_beats_the_others_on_its_own_tasks(tmp_path, ray_session):
     assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
                  "--model", "smollm2-135m", "--dim", "16", "--max-length", "48", "--set", "lora.layers=[28, 29]"]) == 0
     report = train_ensemble(EnsembleTrainConfig(partition=[[t] for t in tasks], data=tmp_path / "suite",
-                                                grads=tmp_path / "grads", out=tmp_path / "ens", epochs=2))
+                                                grads=tmp_path / "grads", out=tmp_path / "ens", epochs=3))
     for k, task in enumerate(tasks):
         own, other = f"group-{k}", f"group-{1 - k}"
         scores = report["test"]["tasks"][task]
