@@ -152,16 +152,3 @@ def read_examples(folder: str | os.PathLike) -> pl.DataFrame:
     if not path.is_file():
         raise SiftError(f"{folder}: no {EXAMPLES}; run `sift ingest` first")
     return pl.read_parquet(path)
-
-
-def show(summary: IngestSummary) -> None:
-    """Summary tables: rows per source, quarantine reasons, kept rows per task."""
-    from engine.report import table
-
-    table(f"Ingest -> {summary.out}", ["source", "rows in", "kept", "quarantined"], [
-        *[(s["path"], s["rows_in"], s["rows_out"], s["rows_quarantined"]) for s in summary.sources],
-        ("total", summary.rows_in, summary.rows_out, summary.rows_quarantined),
-    ])
-    if summary.reasons:
-        table("Quarantine reasons", ["reason", "rows"], summary.reasons.items())
-    table("Kept rows per task", ["task", "rows"], summary.tasks.items())
