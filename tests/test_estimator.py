@@ -172,7 +172,7 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
                  "--model", "tiny-llama", "--dim", "32"]) == 0
     assert main(["estimate", "--calibrate", "--data", str(tmp_path / "suite"), "--grads", str(tmp_path / "grads"),
                  "--target", "wordnet-animal-plant", "--out", str(tmp_path / "cal"), "--subsets", "3",
-                 "--steps", "6", "--set", "eval_rows=16", "--set", "lr=1e-2", "--set", "eval_every=3"]) == 0
+                 "--steps", "6", "--set", "eval_rows=16", "--set", "lr=3e-3", "--set", "eval_every=3"]) == 0
     report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert len(report["real_loss"]) == len(report["estimated_loss"]) == 3
     assert all(np.isfinite(report["real_loss"])) and report["time_ratio"] > 1
