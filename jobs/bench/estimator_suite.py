@@ -12,6 +12,12 @@ The noisy-label check passes when both clean groups rank above both shuffled one
 (issue 14): mean r^2 at the smallest update <= 0.01 and below the error without the gradient
 term; Spearman >= 0.9 over >= 8 real fine-tunes, beside the constant predictor's relative error;
 mean squared relative error <= 0.05.
+
+    python jobs/bench/estimator_suite.py --approximation-only --anchor fresh   # no Ray, minutes
+
+only measures the first-order approximation error in-process, at a fresh anchor, side by side:
+theta* + P w lifted onto the factors with a gradient (the store's parameters.json, what sift does),
+onto every LoRA factor (what sift did before issue 14), and no update term at all.
 """
 
 from __future__ import annotations
@@ -34,6 +40,60 @@ def run(*args: str) -> None:
         raise SystemExit(f"sift {' '.join(args)} failed with {code}")
 
 
+def approximation_only(args) -> dict:
+    """Mean r_i^2 on the target's rows at a fresh anchor: lifting onto the live factors, onto every
+    factor (the pre-issue-14 lift), and without the gradient term; w fitted on the target's rows."""
+    import tempfile
+
+    import torch
+
+    from engine.config import GradsConfig, LoraSpec
+    from engine.data import suite
+    from engine.features.grads import GradFeaturizer
+    from engine.features.projection import Projector
+    from engine.models.anchor import Anchor
+    from engine.select.tasks.estimator import fit_subsets
+
+    store = Path(tempfile.mkdtemp())
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    cfg = GradsConfig(model=args.model, out=str(store), dim=400, max_length=args.max_length,
+                      lora=LoraSpec(layers=layers))
+    (store / "config.json").write_text(cfg.model_dump_json())
+    frame = suite.build(per_task=args.per_task, tasks=[args.target])
+    t = time.perf_counter()
+    featurized = GradFeaturizer(cfg, threads=torch.get_num_threads())(frame)
+    featurize_s = time.perf_counter() - t
+    G = torch.tensor(featurized.vectors, dtype=torch.float64)
+    f = torch.tensor(featurized.rows["f"].to_numpy(), dtype=torch.float64)
+    w = fit_subsets(G, f, torch.ones(1, len(f), dtype=torch.bool), lam=args.lam).w[0]
+    anchor = Anchor(store)
+    encoded = anchor.encode(frame.filter(pl.col("id").is_in(featurized.rows["id"].to_list())))
+    every = Projector({n: p.numel() for n, p in anchor.lora.items()}, cfg.dim, cfg.seed)
+    rows = []
+    for scale in (0.25, 0.5, 1.0, 2.0):
+        result = {"scale": scale}
+        for lift in ("live factors (sift now)", "every factor (before)"):
+            if lift.startswith("live"):
+                size = anchor.load(w * scale)
+            else:
+                anchor.reset()
+                lifted = every.lift((w * scale).float())
+                with torch.no_grad():
+                    for name, delta in lifted.items():
+                        anchor.lora[name].add_(delta.view_as(anchor.lora[name]))
+                size = float(sum(v.norm() ** 2 for v in lifted.values()) ** 0.5)
+            f_real = anchor.scores(encoded).double()
+            denominator = torch.maximum(f_real.abs(), f.abs()).clamp_min(1e-12)
+            result[lift] = {"update_norm": round(size, 3),
+                            "mean_r2": float((((f + scale * (G @ w) - f_real) / denominator) ** 2).mean()),
+                            "mean_r2_without_gradient": float((((f - f_real) / denominator) ** 2).mean())}
+        rows.append(result)
+    anchor.reset()
+    return {"model": args.model, "lora_layers": args.layers or "all", "anchor": "fresh", "target": args.target,
+            "rows": len(encoded), "lam": args.lam, "lifted_factors": len(anchor.params),
+            "lora_factors": len(anchor.lora), "featurize_s": round(featurize_s, 1), "approximation": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -51,8 +111,13 @@ def main() -> None:
                         help="meta: first train one LoRA on every task (train-lora), take gradients there")
     parser.add_argument("--anchor-adapter", type=Path, help="a meta anchor trained before (skips train-lora)")
     parser.add_argument("--meta-epochs", type=int, default=2)
+    parser.add_argument("--approximation-only", action="store_true",
+                        help="only the approximation error, in-process, lifts side by side (with --anchor fresh)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-estimator"))
     args = parser.parse_args()
+    if args.approximation_only:
+        print(json.dumps(approximation_only(args), indent=2))
+        return
     out = args.out
     timings = {}
     started = time.perf_counter()
