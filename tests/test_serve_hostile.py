@@ -13,6 +13,7 @@ answers /health and gives the reference's numbers.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -57,6 +58,10 @@ def root(tiny_manifest, tmp_path_factory) -> Path:
     shutil.rmtree(root / "adapter-link" / "adapters" / "group-0")
     (root / "adapter-link" / "adapters" / "group-0").symlink_to(outside / "adapters" / "group-0")
     (root / "link").symlink_to(outside)  # a folder inside the root that is the outside one
+    # v1 with a boosting step: group-2's change from the anchor group-1, added in label-logit space.
+    shutil.copytree(tiny_manifest.parent, root / "boosted")
+    _edit(root / "boosted", lambda raw: (raw.update(anchor="group-1"),
+                                         raw["tasks"][TASK].update(boost=[{"adapter": "group-2", "step": 0.7}])))
     # Inside the root and well-formed, but its rank-16 adapter does not fit the server's rank-8 slots.
     shutil.copytree(tiny_manifest.parent, root / "big")
     write_random_adapter(root / "big" / "adapters" / "group-2", seed=99, r=16)
@@ -71,7 +76,7 @@ def _edit(folder: Path, change) -> None:
 
 
 def _server(root: Path, log: Path, replicas: int) -> ServerProcess:
-    return ServerProcess(root / "v1", "peft", log=log, ready_s=300, env={swap.TOKEN_ENV: TOKEN},
+    return ServerProcess(root / "v1", "peft", log=log, ready_s=600, env={swap.TOKEN_ENV: TOKEN},
                          extra=["--set", "allow_swap=true", "--set", f"manifest_root={root}",
                                 "--set", f"replicas={replicas}", "--set", "replica_cpus=0.5", "--set", "threads=1",
                                 "--set", "max_ongoing_requests=2", "--set", "max_queued_requests=4",
@@ -189,6 +194,41 @@ def test_a_swap_reaches_both_replicas_without_blocking_health(server, root, v2_r
     assert json.loads(state.path.read_text())["manifest"] == body["manifest"]
 
 
+def _replica_pids(server: ServerProcess) -> list[int]:
+    """The server's Ray Serve replica processes (its session: the CLI started it in its own)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"ServeReplica:sift:sift-ensemble" in title and session == server.proc.pid:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_restarted_replica_serves_the_swapped_manifest(server, v2_reference):
+    """After the previous test's swap: kill a replica; Ray Serve starts a new one, which gets the
+    deployment's user_config (v2), not the start-up manifest."""
+    import signal
+
+    old = set(_by_replica(server.url))
+    pids = _replica_pids(server)
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while True:
+        seen = _by_replica(server.url, rounds=3)
+        if len(seen) == 2 and set(seen) != old:
+            break
+        assert time.monotonic() < deadline, f"no new replica: {sorted(seen)} (before: {sorted(old)})"
+        time.sleep(2)
+    for replica, bodies in seen.items():
+        for b in bodies:
+            assert np.abs(_group0(b) - _expected(v2_reference)).max() < 1e-5, replica
+
+
 def test_a_restarted_server_resumes_the_swapped_manifest(server, root, v2_reference, tmp_path):
     """After the previous test's swap: a new `sift serve` on the same start manifest and root."""
     assert get(server.url, "/health")[1]["serial"] == 1
@@ -198,11 +238,23 @@ def test_a_restarted_server_resumes_the_swapped_manifest(server, root, v2_refere
         _serves(again.url, v2_reference)
 
 
+def test_a_boosted_ensemble_is_served_as_evaluate_scores_it(server, root, reference):
+    boosted = EnsembleModel.load(manifest.load(root / "boosted"))
+    assert post(server.url, "/v1/ensemble", {"manifest": "boosted"}, headers=AUTH)[0] == 200
+    status, body = post(server.url, "/v1/classify", {"task": TASK, "text": TEXT})
+    assert status == 200, body
+    got = np.array([body["results"][0]["probs"][lab] for lab in ("animal", "plant")])
+    want, _ = boosted.classify(TASK, [TEXT])
+    plain, _ = reference.classify(TASK, [TEXT])
+    assert np.abs(got - want[0].numpy()).max() < 1e-6
+    assert np.abs(got - plain[0].numpy()).max() > 1e-4  # the boosting step moved it
+
+
 def test_a_failing_swap_is_a_500_with_a_request_id_only(server, root, reference):
     """The state file's place taken by a folder: remembering fails, the swap is undone."""
     state = swap.State(root.resolve(), swap.start_manifest(root / "v1"))
     remembered = state.path.read_bytes() if state.path.exists() else None
-    post(server.url, "/v1/ensemble", {"manifest": "v1"}, headers=AUTH)  # back to v1 (serial 2)
+    assert post(server.url, "/v1/ensemble", {"manifest": "v1"}, headers=AUTH)[0] == 200  # back to v1
     serial = get(server.url, "/health")[1]["serial"]
     state.path.unlink()
     state.path.mkdir()

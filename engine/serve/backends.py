@@ -130,11 +130,7 @@ class PeftBackend(Backend):
         keeps its name, so every swap loads fresh copies (the base model stays)."""
         self._loads += 1
         names = {a.name: f"{a.name}__v{self._loads}" for a in manifest.adapters}
-        held = manifest.model_copy(update={
-            "adapters": [a.model_copy(update={"name": names[a.name]}) for a in manifest.adapters],
-            "tasks": {t: e.model_copy(update={"weights": {names[n]: w for n, w in e.weights.items()}})
-                      for t, e in manifest.tasks.items()}})
-        return held, names
+        return manifest.renamed(names), names
 
     async def _run(self, fn, *args):
         """`fn(*args, cancel)` on the worker thread; cancelling the caller sets `cancel`."""

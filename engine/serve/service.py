@@ -2,12 +2,14 @@
 
 Models a request may name: `ensemble` (the manifest's adapters mixed by a task's weights), any
 adapter of the manifest by name, and `base` (the base model without adapter). Nothing else is
-loadable: adapters come only from the manifest the server was started with.
+loadable: adapters come only from the manifest the server serves (the start-up one, or one a
+swap chose from inside manifest_root: engine/serve/swap.py).
 
 Classification scores each label by the next-token log-probability of its answer's first token
 after the prompt, over the full vocabulary (`engine.ensemble.labels`: the same prompts, label
 tokens and mixture as `sift evaluate`); class probabilities renormalise over the requested labels
-and the ensemble's are the weighted mixture. Free-form completions run every weighted adapter on
+and the ensemble's are the weighted mixture plus the task's boosting steps (labels.combine, as
+`sift evaluate` scores them). Free-form completions run every weighted adapter on
 the prompt; the answer is the text with the largest total weight among the adapters' outputs.
 """
 
@@ -193,7 +195,7 @@ class Service:
             raise bad(f"labels must be at least two distinct labels of task {req.task!r}", "labels")
         weights = {name: w for name, w in entry.weights.items() if w > 0}
         extra = [self._model(name, "compare") for name in req.compare]
-        models = list(dict.fromkeys([*weights, *extra]))
+        models = list(dict.fromkeys([*self.manifest.models(req.task), *extra]))  # boosting: + its adapters, anchor
         prompts = [labels.prompt_ids(self.tokenizer, self.manifest, t, req.task) for t in texts]
         token_ids = [self.label_ids[req.task][lab] for lab in chosen]
         import torch
@@ -201,7 +203,7 @@ class Service:
         logprobs = await self.backend.label_logprobs(prompts, token_ids, models)
         as_tensors = {name: torch.from_numpy(lp) for name, lp in logprobs.items()}
         probs = {name: labels.class_probs(lp).numpy() for name, lp in as_tensors.items()}
-        mixed = labels.mixture(as_tensors, weights).numpy()
+        mixed = labels.combine(as_tensors, self.manifest, req.task).numpy()
         results = []
         for i in range(len(texts)):
             per_model = {}
