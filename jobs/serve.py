@@ -10,6 +10,11 @@ stays up (and so does the app) until it is stopped; with --detach it deploys and
 app keeps running on the cluster's Serve until `serve shutdown`. The default host is 127.0.0.1:
 pass --host 0.0.0.0 to reach the HTTP proxies from outside the nodes, behind your own network
 controls.
+
+Swaps (POST /v1/ensemble) stay off unless `--set allow_swap=true --set manifest_root=/shared/ensembles`
+(a folder on shared storage: replicas write the chosen manifest under it) and the job's driver
+has SIFT_SERVE_TOKEN, e.g. `--runtime-env-json '{"env_vars": {"SIFT_SERVE_TOKEN": "..."}}'`
+(readable by whoever can list the cluster's jobs); the replicas get only its SHA-256.
 """
 
 import sys
