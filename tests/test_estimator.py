@@ -369,3 +369,18 @@ def test_a_store_from_another_anchor_is_refused(tmp_path):
     path.unlink()
     with pytest.raises(SiftError, match="no parameters.json"):
         Anchor(tmp_path)
+
+
+def test_norm_rescaling_sets_the_lifted_update_to_a_share_of_the_anchor_norm():
+    from engine.features.projection import Projector
+
+    G, f, masks = _problem(seed=2)
+    projector = Projector({"a.lora_B": 300, "b.lora_B": 120}, G.shape[1], seed=0)
+    for method in ("logistic", "gradex"):
+        fitting = estimator.Fitting(lam=1e-3, method=method, gradex_c=0.5, update_norm=0.1,
+                                    gram=projector.gram(), anchor_norm=4.0)
+        W = fitting.solve(torch.tensor(G), torch.tensor(f), torch.tensor(masks[:3]))
+        lifted = torch.stack([torch.cat(list(projector.lift(w).values())).norm() for w in W])
+        assert torch.allclose(lifted.double(), torch.full((3,), 0.4, dtype=torch.float64), rtol=1e-4)
+    with pytest.raises(SiftError, match="update_norm needs"):
+        estimator.Fitting(update_norm=0.1).solve(torch.tensor(G), torch.tensor(f), torch.tensor(masks[:1]))
