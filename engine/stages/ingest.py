@@ -50,7 +50,9 @@ def arguments(p) -> None:
     p.add_argument("--task-column", dest="columns.task")
     p.add_argument("--label-column", dest="columns.label")
     p.add_argument("--encoding")
-    p.add_argument("--max-chars", dest="max_chars", type=int)
+    p.add_argument("--max-chars", dest="max_chars", type=int, help="longer texts are quarantined")
+    p.add_argument("--max-line-bytes", dest="max_line_bytes", type=int,
+                   help="longer lines are quarantined unread (default 4 MiB)")
     p.add_argument("--labels", type=split, help="comma-separated allowed labels")
     p.add_argument("--corpora", type=split, help="built-in corpora to ingest too: tweets, chatterbot, fortunes, wordnet")
 
