@@ -245,3 +245,33 @@ def test_paired_bootstrap_intervals():
     tasks, gold, a, _ = sample(60, 0.7, 0.7)
     same = metrics.paired_bootstrap(tasks, gold, a, a, replicates=200)
     assert not any(c.significant for c in same) and same[0].difference.value == 0
+
+
+def test_train_lora_validation_accuracy_is_over_each_tasks_labels():
+    """train-lora scores validation rows as the ensemble will: the argmax over the task's labels
+    of the first answer token's log-probability (a plain forward gives the same), averaged over
+    tasks; not "gold token above one half", which an untrained model never reaches."""
+    import torch
+
+    from engine.config import LoraTrainConfig
+    from engine.train import lora as train_lora_module
+
+    tokenizer, score = _lora_tiny(seed=3)
+    cfg = LoraTrainConfig(max_length=32)
+    frame = pl.DataFrame({"task": ["animals"] * 3 + ["law"] * 2, "label": ["animal", "plant", "plant", "law", "politics"],
+                          "text": ["a cat", "an oak tree", "a fern", "the court ruled", "the senate voted"]})
+    choices = {"animals": ["animal", "plant"], "law": ["law", "politics"]}
+    rows = train_lora_module.label_rows(tokenizer, cfg, frame, choices)
+    accuracy = train_lora_module.label_accuracy(score.model, rows, tokenizer.pad_token_id)
+    expected = []
+    for task in ["animals", "law"]:
+        part = frame.filter(pl.col("task") == task)
+        ids = [tokenizer(f" {label}", add_special_tokens=False)["input_ids"][0] for label in choices[task]]
+        right = []
+        for text, label in zip(part["text"], part["label"]):
+            with torch.no_grad():
+                logits = score.model(torch.tensor([tokenizer(f"{text}\nAnswer:")["input_ids"]])).logits[0, -1]
+            right.append(int(logits[ids].argmax()) == choices[task].index(label))
+        expected.append(sum(right) / len(right))
+    assert accuracy == pytest.approx(sum(expected) / 2)
+    assert accuracy > 0  # some row's gold label wins over the other label, though p(gold) << 1/2
