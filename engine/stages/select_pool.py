@@ -14,12 +14,16 @@ class SelectPoolResult(Result):
     quarantined: int
     selected_by_source: dict[str, int]
     converged: bool | None = None  # GOT-D's Sinkhorn; None for the other methods
+    iterations: int | None = None
+    marginal_error: float | None = None  # L1, both marginals of the plan
 
     def line(self) -> str:
         sources = ", ".join(f"{name} {n}" for name, n in sorted(self.selected_by_source.items(), key=lambda kv: -kv[1])
                             if n)
-        warning = "; Sinkhorn NOT converged" if self.converged is False else ""
-        return f"{self.selected:,} of {self.scored:,} selected by {self.method} ({sources}){warning}"
+        solve = "" if self.converged is None else (
+            f"; Sinkhorn {'converged' if self.converged else 'NOT converged'} in {self.iterations} iterations "
+            f"(L1 error {self.marginal_error:.1g})")
+        return f"{self.selected:,} of {self.scored:,} selected by {self.method} ({sources}){solve}"
 
 
 def run(cfg: SelectPoolConfig) -> SelectPoolResult:
@@ -29,7 +33,8 @@ def run(cfg: SelectPoolConfig) -> SelectPoolResult:
     return SelectPoolResult(out=str(cfg.out), method=cfg.method, selected=report["counts"]["selected"],
                             scored=report["counts"]["scored"], quarantined=report["counts"]["quarantined"],
                             selected_by_source=report["selected_by_task"],
-                            converged=report["details"].get("converged"))
+                            converged=report["details"].get("converged"), iterations=report["details"].get("iterations"),
+                            marginal_error=report["details"].get("marginal_error"))
 
 
 def show(result: SelectPoolResult) -> None:
