@@ -70,7 +70,7 @@ def approximation_only(args) -> dict:
     encoded = anchor.encode(frame.filter(pl.col("id").is_in(featurized.rows["id"].to_list())))
     every = Projector({n: p.numel() for n, p in anchor.lora.items()}, cfg.dim, cfg.seed)
     rows = []
-    for scale in (0.25, 0.5, 1.0, 2.0):
+    for scale in args.scales:
         result = {"scale": scale}
         for lift in ("live factors (sift now)", "every factor (before)"):
             if lift.startswith("live"):
@@ -111,6 +111,8 @@ def main() -> None:
                         help="meta: first train one LoRA on every task (train-lora), take gradients there")
     parser.add_argument("--anchor-adapter", type=Path, help="a meta anchor trained before (skips train-lora)")
     parser.add_argument("--meta-epochs", type=int, default=2)
+    parser.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 1.0, 2.0],
+                        help="--approximation-only: update sizes, multiples of the fitted w")
     parser.add_argument("--approximation-only", action="store_true",
                         help="only the approximation error, in-process, lifts side by side (with --anchor fresh)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-estimator"))
