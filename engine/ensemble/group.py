@@ -147,7 +147,7 @@ def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:
     for b in bounds:
         ax.axhline(b, color="black", linewidth=1.5)
         ax.axvline(b, color="black", linewidth=1.5)
-    fig.colorbar(image, ax=ax, label="affinity: estimated loss drop from each other's rows rather than own")
+    fig.colorbar(image, ax=ax, label="affinity: loss drop from the other's rows vs own")
     ax.set_title("task affinity, ordered by group [group]")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
