@@ -39,7 +39,6 @@ def setup(out: str | None, name: str, verbose: bool, own_process: bool = False) 
     path = folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     _handler = logging.FileHandler(path)
     _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.captureWarnings(True)
     if own_process:
         _descriptor_2_to(path)
