@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from engine import runtime
+from engine import runtime, storage
 from engine.config import IngestConfig
 from engine.data import readers
 from engine.data.schema import COLUMNS, QUARANTINE_SCHEMA, RAW_SCHEMA
@@ -135,20 +135,18 @@ def _counts(frame: pl.DataFrame, key: pl.Expr) -> dict[str, int]:
     return dict(zip(counted["key"].to_list(), counted["len"].to_list()))
 
 
-def examples_path(data: str | os.PathLike | None) -> Path:
-    """The examples file of `--data`: an ingest folder's examples.parquet, or a parquet file."""
+def examples_path(data: str | os.PathLike | None) -> str:
+    """The examples file of `--data` (a location, local or remote): an ingest folder's
+    examples.parquet, or a parquet file."""
     if data is None:
         raise SiftError("--data is required (an ingest folder or a parquet file of examples)")
-    data = Path(data)
-    path = data / EXAMPLES if data.is_dir() else data
-    if not path.is_file():
+    data = storage.validate_uri(data)
+    path = storage.join(data, EXAMPLES) if storage.is_dir(data) else data
+    if not storage.is_file(path):
         raise SiftError(f"{data}: no {EXAMPLES}; run `sift ingest` first")
     return path
 
 
 def read_examples(folder: str | os.PathLike) -> pl.DataFrame:
-    """The validated examples of an ingest folder."""
-    path = Path(folder) / EXAMPLES
-    if not path.is_file():
-        raise SiftError(f"{folder}: no {EXAMPLES}; run `sift ingest` first")
-    return pl.read_parquet(path)
+    """The validated examples of an ingest folder (or a parquet file of examples)."""
+    return storage.read_parquet(examples_path(folder))

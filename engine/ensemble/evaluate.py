@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from engine import storage
 from engine.data.ingest import examples_path
 from engine.ensemble import labels, manifest as manifest_io, metrics
 from engine.ensemble.model import EnsembleModel
@@ -45,7 +46,7 @@ class TaskScores:
 
 def read_split(data: str | Path, tasks: list[str], split: str | None) -> tuple[pl.DataFrame, str]:
     """Rows of `tasks` from one split: the given one, else test when present, else validation."""
-    frame = pl.read_parquet(examples_path(data)).filter(pl.col("task").is_in(tasks))
+    frame = storage.read_parquet(examples_path(data)).filter(pl.col("task").is_in(tasks))
     present = set(frame["split"].drop_nulls().unique())
     split = split or ("test" if "test" in present else "validation")
     rows = frame.filter(pl.col("split") == split)

@@ -160,7 +160,7 @@ def spec_for(cfg: GradsConfig):
     if cfg.model is None:
         raise SiftError("featurize grads needs --model (a model folder or a built-in name)")
     examples = examples_path(cfg.data)
-    rows = pl.scan_parquet(examples).select(pl.len()).collect().item()
+    rows = storage.parquet_rows(examples)
     spec = StoreSpec(
         kind="grads",
         fingerprint={

@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from engine import runtime
+from engine import runtime, storage
 from engine.config import EnsembleTrainConfig, GradsConfig, LoraTrainConfig
 from engine.data.ingest import examples_path
 from engine.ensemble import boost, evaluate, flops, manifest as manifest_io, weights as mixture_weights
@@ -90,7 +90,7 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
     if not anchor_file.is_file():
         raise SiftError(f"{grads}: no config.json; rebuild the gradient store with `sift featurize grads`")
     anchor_cfg = GradsConfig.model_validate_json(anchor_file.read_text())
-    frame = pl.read_parquet(examples_path(data)).with_columns(pl.col("split").fill_null("train"))
+    frame = storage.read_parquet(examples_path(data)).with_columns(pl.col("split").fill_null("train"))
     _check(partition, frame)
     out = Path(cfg.out).resolve()
     info = runtime.start(cfg.runtime)

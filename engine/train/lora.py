@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine import runtime
+from engine import executor, runtime, storage
 from engine.config import LoraTrainConfig
 from engine.data.ingest import examples_path
 from engine.ensemble import labels as label_scores
@@ -39,7 +39,7 @@ ADAPTER = "adapter"
 def _rows(cfg: LoraTrainConfig, split: str | None) -> pl.DataFrame:
     """The rows of the configured tasks in one split (None: every split)."""
     path = examples_path(cfg.data)
-    frame = pl.read_parquet(path)
+    frame = storage.read_parquet(path)
     if cfg.tasks is not None:
         missing = sorted(set(cfg.tasks) - set(frame["task"].unique()))
         if missing:
@@ -163,13 +163,10 @@ def train_loop(config: dict) -> None:
 
 
 def _fingerprint(cfg: LoraTrainConfig) -> str:
-    """Runs resume only when what they train is the same (more epochs or workers may change)."""
-    import hashlib
-
-    settings = cfg.model_dump(mode="json", exclude={"epochs", "workers", "runtime", "out"})
-    stat = examples_path(cfg.data).stat()
-    settings["data_file"] = [stat.st_size, stat.st_mtime_ns]  # rewritten data is new work
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    """Runs resume only when what they train is the same (more epochs or workers may change);
+    named by the executor's digest, with the data file's stamp: rewritten data is new work."""
+    return executor.digest(cfg.model_dump(mode="json", exclude={"epochs", "workers", "runtime", "out"}),
+                           storage.stamp(examples_path(cfg.data)))
 
 
 def train_lora(cfg: LoraTrainConfig) -> dict:

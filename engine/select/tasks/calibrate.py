@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine import runtime
+from engine import runtime, storage
 from engine.config import CalibrateConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
@@ -145,7 +145,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     candidates = [t for t in data.tasks if t not in cfg.target]
     chosen = subsets.random_subsets(len(candidates), cfg.subsets, cfg.ratio, cfg.seed)
     data_path = examples_path(cfg.data)
-    examples = pl.read_parquet(data_path)
+    examples = storage.read_parquet(data_path)
     evaluation = torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in cfg.target])) & ~data.train
     rows = subsets.target_rows(data, examples, cfg.target)
     labels = subsets.label_sets(examples, cfg.target)

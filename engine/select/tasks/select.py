@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from engine import storage
 from engine.config import SelectTasksConfig
 from engine.errors import SiftError
 from engine.report import table
@@ -73,7 +74,7 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     from engine.models.anchor import Anchor
 
     anchor = Anchor(cfg.grads)
-    examples = pl.read_parquet(examples_path(cfg.data))
+    examples = storage.read_parquet(examples_path(cfg.data))
     rows, labels = subsets.target_rows(data, examples, cfg.target), subsets.label_sets(examples, cfg.target)
     label_rows = subsets.label_rows(anchor, rows, labels)
     if cfg.search == "tune":

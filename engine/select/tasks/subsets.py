@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from engine import storage
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
@@ -44,7 +45,7 @@ def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
         raise SiftError(f"{grads} is a {store.spec.kind} store; select-tasks needs `sift featurize grads` output")
     rows = store.rows().with_row_index("row")
     data_path = examples_path(data)
-    examples = pl.read_parquet(data_path, columns=["id", "task", "split"])
+    examples = storage.read_parquet(data_path, columns=["id", "task", "split"])
     joined = rows.drop("task").join(examples, on="id", how="left")
     if joined["split"].null_count() == joined.height:
         raise SiftError(f"no id of the gradient store {grads} is in {data_path}; were they built from the same data?")
