@@ -163,3 +163,19 @@ def test_renaming_adapters_renames_every_reference(tiny_manifest, tmp_path):
     renamed = loaded.renamed({a.name: f"{a.name}__v2" for a in loaded.adapters})
     assert renamed.models("fortunes-law-politics") == ["group-1__v2", "group-2__v2"]
     assert renamed.anchor == "group-2__v2" and [a.name for a in renamed.adapters][0] == "group-0__v2"
+
+
+def test_a_written_manifest_moves_with_its_folder(tiny_manifest, tmp_path):
+    """A loaded manifest holds absolute adapter paths; written back, they are relative again, so
+    the folder can be uploaded to object storage and loaded from a copy elsewhere."""
+    from pathlib import Path
+
+    from engine.ensemble import manifest
+
+    source = tmp_path / "ensemble"
+    shutil.copytree(Path(tiny_manifest).parent if Path(tiny_manifest).is_file() else tiny_manifest, source)
+    manifest.write(manifest.load(source), source)
+    moved = tmp_path / "moved"
+    shutil.move(source, moved)
+    loaded = manifest.load(moved)
+    assert all(Path(a.path).is_relative_to(moved.resolve()) for a in loaded.adapters)

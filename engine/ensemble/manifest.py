@@ -171,10 +171,17 @@ def _check_adapter(folder: Path, entry: AdapterEntry, max_rank: int) -> None:
 
 
 def write(manifest: Manifest, folder: str | Path) -> Path:
-    """Write ensemble.json into `folder` (adapter paths should be relative to it)."""
+    """Write ensemble.json into `folder`. Adapters inside the folder are written with paths
+    relative to it (a loaded manifest holds absolute ones), so the folder can be moved, uploaded
+    to object storage or downloaded elsewhere and still load."""
     file = Path(folder) / FILENAME
     file.parent.mkdir(parents=True, exist_ok=True)
+    root = file.parent.resolve()
+    adapters = [a.model_copy(update={"path": str(Path(a.path).resolve().relative_to(root))})
+                if Path(a.path).is_absolute() and Path(a.path).resolve().is_relative_to(root) else a
+                for a in manifest.adapters]
     tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json", exclude={"folder"}), indent=2))
+    tmp.write_text(json.dumps(manifest.model_copy(update={"adapters": adapters}).model_dump(
+        mode="json", exclude={"folder"}), indent=2))
     tmp.replace(file)
     return file
