@@ -201,7 +201,8 @@ def test_a_boosting_round_lowers_the_training_residual(suite_grads, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (issue 14, defect 6): with plain CE at lr 5e-3, 12 steps, the animal-plant adapter's "
+@pytest.mark.xfail(run=False,  # not run: five minutes of the suite for a known failure; run it with --runxfail
+                   reason="open (issue 14, defect 6): with plain CE at lr 5e-3, 12 steps, the animal-plant adapter's "
                           "test NLL over the labels was 0.76 against the base model's 0.43: the answer loss first "
                           "raises every label token (format), and the few steps leave the labels less separated")
 def test_each_adapter_beats_the_others_on_its_own_tasks(tmp_path, ray_session):
