@@ -90,10 +90,14 @@ def arguments(p) -> None:
     p.add_argument("--backend", choices=["vllm", "peft"], help="default vllm; peft: the reference")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--allow-swap", dest="allow_swap", action="store_true", default=None,
+                   help="accept POST /v1/ensemble (needs SIFT_SERVE_TOKEN and --manifest-root)")
+    p.add_argument("--manifest-root", dest="manifest_root", help="swaps load manifests only from under this folder")
     p.add_argument("--detach", action="store_true", default=None,
                    help="deploy and return (a Ray job); stop it with `serve shutdown`")
 
 
 STAGE = Stage("serve", "serve an adapter ensemble over HTTP (Ray Serve; vLLM multi-LoRA or PEFT)", ServeStageConfig,
               ServeResult, run, show, arguments, inputs=("manifest", "check_data"),
-              ignore=("detach", "host", "port", "threads", "replicas", "replica_cpus", "max_ongoing_requests"))
+              ignore=("detach", "host", "port", "threads", "replicas", "replica_cpus", "max_ongoing_requests",
+                      "max_queued_requests", "retry_after_s", "request_timeout_s", "allow_swap", "manifest_root"))
