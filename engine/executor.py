@@ -172,11 +172,9 @@ def run(stage, cfg, force: bool = False) -> Outcome:
         if marker is not None and marker.fingerprint == fp and marker.stage == stage.name:
             return Outcome(stage.name, "skipped (done)", marker.seconds, fp, stage.result.model_validate(marker.result))
     started = time.perf_counter()
-    if out is None:
-        result = stage.run(cfg)
-    else:
+    if out is not None:
         storage.delete(storage.join(out, MARKER))
-        result = _run_with_storage(stage, cfg, out, fp)
+    result = _run_with_storage(stage, cfg, out, fp)
     seconds = round(time.perf_counter() - started, 1)
     if out is not None:
         storage.write_json(storage.join(out, MARKER), Marker(stage=stage.name, fingerprint=fp, seconds=seconds,
@@ -184,10 +182,10 @@ def run(stage, cfg, force: bool = False) -> Outcome:
     return Outcome(stage.name, "ran", seconds, fp, result)
 
 
-def _run_with_storage(stage, cfg, out: str, fp: str):
+def _run_with_storage(stage, cfg, out: str | None, fp: str):
     """Local code on local paths: remote inputs become cached local copies, a remote output a
     local work folder uploaded when the stage returns (before the marker is written)."""
-    remote_out = storage.is_remote(out)
+    remote_out = out is not None and storage.is_remote(out)
     update: dict[str, Any] = {}
     if not stage.native_storage:
         for field in stage.inputs:
