@@ -90,8 +90,8 @@ _CONTROL = {"handler", "stage", "config", "set", "force", "verbose", "pipeline",
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from engine.config import parse_set_flags
 
-    flags = {k: v for k, v in vars(args).items()
-             if k not in _CONTROL and not k.startswith("_") and v not in (None, [], False)}
+    flags = {k: v for k, v in vars(args).items()  # `is`: a flag's 0 is a value, not an unset False
+             if k not in _CONTROL and not k.startswith("_") and v is not None and v is not False and v != []}
     flags.update(parse_set_flags(args.set))
     return flags
 

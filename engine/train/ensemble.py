@@ -266,7 +266,7 @@ def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest
             for task, s in evaluate.score_rows(ensemble, train, models=[name]).items():
                 train_scores[task].logprobs[name] = s.logprobs[name]
             after = _residuals(candidate, train_scores, train)
-            record.update(train_residual=float(after.mean()), accepted=after.mean() < residual.mean())
+            record.update(train_residual=float(after.mean()), accepted=bool(after.mean() < residual.mean()))
         if not record["accepted"]:
             shutil.rmtree(folder)
             manifest_io.write(manifest, out)

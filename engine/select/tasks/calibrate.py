@@ -168,7 +168,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
     masks = subsets.fit_masks(data, cfg.target, chosen, candidates)
     train_ids = [[i for i, m in zip(data.ids, row.tolist()) if m] for row in masks]
-    runs, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels, data_path.resolve(), out)
+    runs, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels, storage.absolute(data_path), out)
     real = np.array([r.loss for r in runs])
     anchor_loss = float(torch.nn.functional.softplus(-data.f[evaluation]).mean())
     relative = float(np.mean((real - est.loss) ** 2 / real ** 2))
