@@ -127,3 +127,24 @@ def test_remote_output_uploaded_before_its_marker_and_skipped_on_rerun(s3, tmp_p
     storage.write_text(f"{stale}/text.txt", "left by someone else")  # a foreign object, no marker
     assert _run(f"{out}/text.txt", stale).status == "ran"
     assert storage.read_text(f"{stale}/text.txt") == "a!!"
+
+
+def test_adapter_folders_are_fingerprinted_by_content(tmp_path):
+    """A retrained adapter of the same rank has the same file names and sizes: only its bytes
+    tell it from the old one, so a gradient store built on the old one is never reused for it."""
+    import os
+
+    from safetensors.torch import save_file
+    import torch
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    save_file({"lora_B": torch.zeros(8, 8)}, str(folder / "adapter_model.safetensors"))
+    before = executor.folder_digest(folder)
+    stat = (folder / "adapter_model.safetensors").stat()
+    save_file({"lora_B": torch.ones(8, 8)}, str(folder / "adapter_model.safetensors"))
+    os.utime(folder / "adapter_model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert (folder / "adapter_model.safetensors").stat().st_size == stat.st_size
+    assert executor.folder_digest(folder) != before
+    assert executor.folder_digest(folder) == executor.folder_digest(folder)  # cached by mtime, same answer
