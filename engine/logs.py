@@ -55,7 +55,7 @@ def redirect() -> None:
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [_handler]
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.WARNING)
         logger.propagate = False
     try:
         import transformers
