@@ -4,6 +4,7 @@ a rerun skips what is done, a changed setting reruns that step and the steps tha
 from __future__ import annotations
 
 
+import pytest
 import yaml
 
 from engine import pipeline
@@ -31,6 +32,7 @@ SMALL = {
 NAMES = [step["stage"] for step in SMALL["steps"]]
 
 
+@pytest.mark.timeout(1200)  # every stage twice (run + rerun), through S3: minutes on 2 cores
 def test_pipeline_end_to_end_on_s3_and_rerun(tmp_path, s3_dir, ray_session, capsys):
     """Every input and every output on a real S3 endpoint: the corpora are uploaded first, each
     step writes under s3://, reads the steps before it from there, and a rerun skips on the
