@@ -35,8 +35,7 @@ def run(cfg: SampleConfig) -> SampleResult:
     from engine.executor import require
 
     out = Path(require(cfg.out, "--out", "sample"))
-    examples = read_examples(require(cfg.data, "--data", "sample")) if Path(cfg.data).is_dir() else \
-        pl.read_parquet(cfg.data)
+    examples = read_examples(require(cfg.data, "--data", "sample"))  # an ingest folder or a parquet file
     out.mkdir(parents=True, exist_ok=True)
     target = examples.clear()
     if cfg.target_task is not None:
