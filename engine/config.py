@@ -34,6 +34,12 @@ class RuntimeConfig(StrictModel):
     address: str | None = None
     num_cpus: PositiveInt | None = Field(None, description="embedded Ray only; default: all cores")
     num_gpus: int | None = Field(None, ge=0, description="embedded Ray only; default: detected")
+    max_failures: int = Field(2, ge=-1, description="retries after a worker or node failure: of a Ray Train run "
+                                                    "(from its last checkpoint) and of each Ray Tune trial; -1: "
+                                                    "no limit")
+    checkpoints: Uri | None = Field(None, description="storage every node sees (s3://, gs://, a shared mount) for "
+                                                      "Ray Train checkpoints and Ray Tune experiments; default: "
+                                                      "under the stage's output")
 
 
 class SchemaConfig(StrictModel):
@@ -80,7 +86,13 @@ class FeaturizeConfig(StrictModel):
     batch_size: PositiveInt = 32
     max_length: PositiveInt = 256
     dtype: Literal["float32", "float16"] = "float32"
-    actors: PositiveInt | None = Field(None, description="actor pool size; default: sized from Ray's resources")
+    actors: PositiveInt | None = Field(None, description="actor pool size (the most actors with min_actors); "
+                                                         "default: sized from Ray's resources")
+    min_actors: PositiveInt | None = Field(None, description="an autoscaling pool of min_actors..actors; default: "
+                                                             "a fixed pool")
+    gpus_per_actor: float | None = Field(None, gt=0, description="GPUs every actor asks for, whether or not the "
+                                                                 "cluster has any now (an autoscaler starts them); "
+                                                                 "default: one per GPU present, else none")
     trust_remote_code: bool = False
     force: bool = Field(False, description="discard an existing store at OUT and start over")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -305,6 +317,9 @@ class ServeConfig(StrictModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     replicas: PositiveInt = 1
     replica_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica")
+    replica_gpus: float | None = Field(None, ge=0, description="GPUs per replica, asked for whether or not the "
+                                                               "cluster has any now (an autoscaler starts them); "
+                                                               "default: 1 for vllm when a GPU exists now, else 0")
     max_ongoing_requests: PositiveInt = Field(32, description="requests a replica works on (or waits on) at once")
     max_queued_requests: PositiveInt = Field(64, description="requests queued for the replicas (per HTTP proxy) "
                                                              "beyond max_ongoing_requests; more get 503 + Retry-After")

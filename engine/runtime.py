@@ -119,19 +119,21 @@ def _connected_remotely() -> bool:
 
 @dataclass(frozen=True)
 class PoolSize:
-    """How many actors a Ray Data stage gets and what each one reserves."""
+    """How many actors a Ray Data stage gets and what each one reserves. `min_size` < `size`
+    makes an autoscaling pool: Ray Data starts `min_size` actors and asks for up to `size`, and
+    each pending actor's request (its GPU included) is what a cluster's autoscaler acts on."""
 
-    size: int
+    size: int  # the most actors
     num_cpus: float
     num_gpus: float
-    threads: int  # torch threads per actor: physical cores per actor on this node, at least 1
+    threads: int  # torch threads an actor of this size gets (see `assigned_threads`)
+    min_size: int | None = None  # None: a fixed pool of `size`
 
     def map_batches_kwargs(self) -> dict[str, Any]:
-        return dict(
-            compute=ray.data.ActorPoolStrategy(size=self.size),
-            num_cpus=self.num_cpus,
-            num_gpus=self.num_gpus,
-        )
+        low = self.size if self.min_size is None else self.min_size
+        compute = (ray.data.ActorPoolStrategy(size=self.size) if low == self.size
+                   else ray.data.ActorPoolStrategy(min_size=low, max_size=self.size))
+        return dict(compute=compute, num_cpus=self.num_cpus, num_gpus=self.num_gpus)
 
 
 def actor_pool(
@@ -140,23 +142,73 @@ def actor_pool(
     max_actors: int | None = None,
     use_gpu: bool = True,
     reserve_cpus: float = 1.0,
+    gpus_per_actor: float | None = None,
+    min_actors: int | None = None,
 ) -> PoolSize:
-    """Size an actor pool from the resources Ray reports (see `info()`).
+    """Size an actor pool from the resources Ray reports now (see `info()`), or from settings.
 
-    One actor per GPU when GPUs are used. On CPUs, `reserve_cpus` stay free for read tasks
-    (half the CPUs on a one-core machine); the rest are shared by the actors, fractionally if
-    more actors are asked for than whole CPUs remain.
+    `gpus_per_actor` set: every actor asks for that many GPUs whether or not the cluster has any
+    now, so an autoscaling cluster whose GPU workers start at zero starts them (a pool of
+    `min_actors`..`max_actors`; without `max_actors`, as many as the GPUs present hold, at least
+    one). Unset: one actor per GPU present when GPUs are used; on CPUs, `reserve_cpus` stay free
+    for read tasks (half the CPUs on a one-core machine) and the rest are shared by the actors,
+    fractionally if more actors are asked for than whole CPUs remain.
     """
     if cpus <= 0:
         raise SiftError("Ray reports no CPUs; cannot schedule any work")
-    if max_actors is not None and max_actors < 1:
-        raise SiftError(f"max_actors must be at least 1, got {max_actors}")
+    for name, value in (("max_actors", max_actors), ("min_actors", min_actors)):
+        if value is not None and value < 1:
+            raise SiftError(f"{name} must be at least 1, got {value}")
+    if gpus_per_actor is not None and gpus_per_actor <= 0:
+        raise SiftError(f"gpus_per_actor must be above 0, got {gpus_per_actor}")
+    if min_actors is not None and max_actors is not None and min_actors > max_actors:
+        raise SiftError(f"min_actors ({min_actors}) is above max_actors ({max_actors})")
     budget = max(cpus - reserve_cpus, cpus / 2)
+    if gpus_per_actor:
+        size = max_actors or max(min_actors or 1, math.floor(gpus / gpus_per_actor), 1)
+        per_cpu = min(1.0, budget / size)
+        return PoolSize(size, round(per_cpu, 4), gpus_per_actor, _threads(per_cpu), _low(min_actors or 1, size))
     if use_gpu and gpus >= 1:
         size = min(int(gpus), max_actors or int(gpus))
         per_cpu = min(1.0, budget / size)
-        return PoolSize(size, per_cpu, 1.0, max(1, math.floor(cpus / size)))
+        return PoolSize(size, per_cpu, 1.0, _threads(per_cpu), _low(min_actors, size))
     size = max_actors or max(1, math.floor(budget))
     per_cpu = min(1.0, budget / size)
-    return PoolSize(size, round(per_cpu, 4), 0.0, max(1, math.floor(cpus / size)))
+    return PoolSize(size, round(per_cpu, 4), 0.0, _threads(per_cpu), _low(min_actors, size))
 
+
+def _low(min_actors: int | None, size: int) -> int | None:
+    return None if min_actors is None or min_actors >= size else min_actors
+
+
+def _threads(cpus: float) -> int:
+    return max(1, math.floor(cpus))
+
+
+def assigned_threads() -> int:
+    """Torch threads for the calling Ray task or actor: the whole CPUs Ray assigned to it, at
+    least 1. Not the node's or the cluster's core count: an actor on a 16-core node that holds
+    1 CPU would otherwise oversubscribe the node 16 times over."""
+    return _threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Where a Ray Train run or a Ray Tune experiment keeps its checkpoints and state: storage
+    every node sees, since a retried worker or trial may restart on another node and must find
+    its last checkpoint there. `runtime.checkpoints` when set, else `<stage output>/<kind>`."""
+
+    uri: str
+
+    def run_config_kwargs(self) -> dict[str, Any]:
+        """storage_path (and the filesystem, for URIs: engine.storage's, with its endpoint and
+        credentials) for ray.train.RunConfig / ray.tune.RunConfig / Tuner.restore."""
+        if storage.is_remote(self.uri):
+            fs, path = storage.filesystem(self.uri)
+            return {"storage_path": path, "storage_filesystem": fs}
+        return {"storage_path": storage.absolute(self.uri)}
+
+
+def run_storage(cfg: RuntimeConfig, out: str | os.PathLike, kind: str) -> RunStorage:
+    root = cfg.checkpoints or storage.absolute(out)
+    return RunStorage(storage.join(root, kind))

@@ -56,12 +56,12 @@ def test_unreachable_cluster_is_a_clear_error():
 @pytest.mark.parametrize(
     "cpus, gpus, max_actors, expected",
     [
-        (2, 0, None, runtime.PoolSize(1, 1.0, 0.0, 2)),   # one actor, one CPU left for readers
+        (2, 0, None, runtime.PoolSize(1, 1.0, 0.0, 1)),   # one actor, one CPU left for readers
         (2, 0, 2, runtime.PoolSize(2, 0.5, 0.0, 1)),      # two actors share the one free CPU
         (1, 0, None, runtime.PoolSize(1, 0.5, 0.0, 1)),   # a single core still leaves half
         (16, 0, None, runtime.PoolSize(15, 1.0, 0.0, 1)),
-        (16, 4, None, runtime.PoolSize(4, 1.0, 1.0, 4)),  # one actor per GPU
-        (16, 4, 2, runtime.PoolSize(2, 1.0, 1.0, 8)),
+        (16, 4, None, runtime.PoolSize(4, 1.0, 1.0, 1)),  # one actor per GPU
+        (16, 4, 2, runtime.PoolSize(2, 1.0, 1.0, 1)),
     ],
 )
 def test_actor_pool_never_takes_every_cpu(cpus, gpus, max_actors, expected):
@@ -87,3 +87,56 @@ def test_two_actor_pool_on_two_cpus_does_not_hang(ray_session):
     pool = runtime.actor_pool(ray_session.cpus, ray_session.gpus, max_actors=2)
     ds = ray.data.range(2000, override_num_blocks=8).map_batches(_Square, batch_size=100, **pool.map_batches_kwargs())
     assert sorted(r["x"] for r in ds.take_all()) == [i * i for i in range(2000)]
+
+
+def test_gpu_actors_are_requested_even_when_the_cluster_has_no_gpu(ray_session):
+    """gpus_per_actor set: every actor asks for GPUs on this CPU-only Ray, so an autoscaler whose
+    GPU workers start at zero starts them; min/max make an autoscaling pool."""
+    assert ray_session.gpus == 0
+    pool = runtime.actor_pool(ray_session.cpus, ray_session.gpus, max_actors=4, min_actors=1, gpus_per_actor=1)
+    kwargs = pool.map_batches_kwargs()
+    assert kwargs["num_gpus"] == 1 and kwargs["num_cpus"] == 0.25
+    assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 4)
+    # without max_actors: as many as the GPUs present hold, but at least one actor asks for one
+    alone = runtime.actor_pool(ray_session.cpus, 0.0, gpus_per_actor=0.5).map_batches_kwargs()
+    assert alone["num_gpus"] == 0.5 and (alone["compute"].min_size, alone["compute"].max_size) == (1, 1)
+    assert runtime.actor_pool(16, 8, gpus_per_actor=2, min_actors=2).map_batches_kwargs()["compute"].max_size == 4
+    # unset: today's sizing from what is present (no GPU asked for on a CPU-only Ray)
+    assert runtime.actor_pool(ray_session.cpus, ray_session.gpus).map_batches_kwargs()["num_gpus"] == 0.0
+    with pytest.raises(SiftError, match="min_actors \\(3\\) is above max_actors \\(2\\)"):
+        runtime.actor_pool(16, max_actors=2, min_actors=3)
+
+
+def test_ray_train_workers_ask_for_gpus_when_set():
+    from engine.train.lora import scaling_config
+
+    gpu = scaling_config(workers=4, gpus_per_worker=1, cpus_now=2)  # a CPU-only cluster now
+    assert gpu.num_workers == 4 and gpu.use_gpu and gpu.resources_per_worker == {"CPU": 1, "GPU": 1}
+    cpu = scaling_config(workers=4, gpus_per_worker=0, cpus_now=2)
+    assert cpu.num_workers == 2 and not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 1}
+
+
+def test_serve_replicas_ask_for_a_gpu_when_configured():
+    from engine.config import ServeConfig
+    from engine.serve.app import replica_options
+
+    assert replica_options(ServeConfig(replica_gpus=1), gpus_now=0) == {"num_cpus": 1.0, "num_gpus": 1}
+    assert replica_options(ServeConfig(), gpus_now=0) == {"num_cpus": 1.0}
+    assert replica_options(ServeConfig(), gpus_now=2) == {"num_cpus": 1.0, "num_gpus": 1}
+    assert replica_options(ServeConfig(backend="peft", replica_gpus=0), gpus_now=2) == {"num_cpus": 1.0}
+
+
+@ray.remote
+class _Threads:
+    def threads(self) -> int:
+        return runtime.assigned_threads()
+
+
+def test_threads_come_from_the_cpus_ray_assigned_to_the_actor(ray_session):
+    """Not the cluster's total (2 here): an actor holding 1 CPU runs 1 torch thread."""
+    counts = []
+    for cpus in (1, 0.5, 2):
+        actor = _Threads.options(num_cpus=cpus).remote()
+        counts.append(ray.get(actor.threads.remote()))
+        ray.kill(actor)
+    assert counts == [1, 1, 2]

@@ -78,13 +78,17 @@ def run(
         return store, stats
 
     info = runtime.start(cfg.runtime)
-    pool = runtime.actor_pool(info.cpus, info.gpus, max_actors=cfg.actors)
+    pool = runtime.actor_pool(info.cpus, info.gpus, max_actors=cfg.actors, min_actors=cfg.min_actors,
+                              gpus_per_actor=cfg.gpus_per_actor)
+    if pool.num_gpus and info.gpus < pool.num_gpus * (pool.min_size or pool.size):
+        print(f"featurize: waiting for {pool.num_gpus * (pool.min_size or pool.size):g} GPU(s) "
+              f"(the cluster has {info.gpus:g} now)")
     ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         ShardWorker,
         batch_size=1,
         fn_constructor_kwargs=dict(featurizer=featurizer, cfg=_absolute_paths(cfg), store=store.root,
-                                   examples=storage.absolute(examples), threads=pool.threads),
+                                   examples=storage.absolute(examples)),
         **pool.map_batches_kwargs(),
     )
     started = time.perf_counter()
@@ -112,9 +116,10 @@ class ShardWorker:
     from and writes its shard to storage every node sees (a local path only on one machine or a
     shared mount; s3:// or gs:// on a cluster), so vectors never pass through the driver."""
 
-    def __init__(self, featurizer: type[Featurizer], cfg: FeaturizeConfig, store: str, examples: str, threads: int):
+    def __init__(self, featurizer: type[Featurizer], cfg: FeaturizeConfig, store: str, examples: str):
         import torch
 
+        threads = runtime.assigned_threads()  # the CPUs Ray gave this actor, wherever it landed
         torch.set_num_threads(threads)
         self.store = FeatureStore(store)
         self.examples = examples

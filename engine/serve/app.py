@@ -329,15 +329,25 @@ def deployment(cfg: ServeConfig, token_sha256: str | None):
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
-    options = {"num_cpus": cfg.replica_cpus}
-    if cfg.backend == "vllm" and _gpus_in_cluster() > 0:
-        options["num_gpus"] = 1
+    options = replica_options(cfg, _gpus_in_cluster())
     cls = serve.deployment(serve.ingress()(EnsembleServer), name=swap.DEPLOYMENT_NAME, num_replicas=cfg.replicas,
                            max_ongoing_requests=cfg.max_ongoing_requests,
                            max_queued_requests=cfg.max_queued_requests,
                            backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
                            ray_actor_options=options, health_check_timeout_s=60)
     return cls.bind(cfg.model_dump_json(), token_sha256)
+
+
+def replica_options(cfg: ServeConfig, gpus_now: float) -> dict[str, float]:
+    """What a replica asks Ray for. `replica_gpus` set: always that many GPUs, so a cluster whose
+    GPU workers start at zero starts one; unset: one GPU for vLLM when the cluster has one now."""
+    options = {"num_cpus": cfg.replica_cpus}
+    if cfg.replica_gpus is not None:
+        if cfg.replica_gpus > 0:
+            options["num_gpus"] = cfg.replica_gpus
+    elif cfg.backend == "vllm" and gpus_now > 0:
+        options["num_gpus"] = 1
+    return options
 
 
 def _gpus_in_cluster() -> float:

@@ -99,5 +99,6 @@ def arguments(p) -> None:
 
 STAGE = Stage("serve", "serve an adapter ensemble over HTTP (Ray Serve; vLLM multi-LoRA or PEFT)", ServeStageConfig,
               ServeResult, run, show, arguments, inputs=("manifest", "check_data"),
-              ignore=("detach", "host", "port", "threads", "replicas", "replica_cpus", "max_ongoing_requests",
-                      "max_queued_requests", "retry_after_s", "request_timeout_s", "allow_swap", "manifest_root"))
+              ignore=("detach", "host", "port", "threads", "replicas", "replica_cpus", "replica_gpus",
+                      "max_ongoing_requests", "max_queued_requests", "retry_after_s", "request_timeout_s", "allow_swap",
+                      "manifest_root"))
