@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -48,6 +49,7 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "
               ".tsv": "tsv", ".parquet": "parquet"}
 ROW_BITS = 40  # order = file index << ROW_BITS | row number: a global, deterministic row order
 FATAL_ORDER = -1  # a raw row with this order carries a file-level error message as its reason
+TALLY_ORDER = -2  # a raw row with this order says how many rows the reader read from one file
 BATCH_ROWS = 8192
 SAMPLE_BYTES = 1 << 16
 SKIP_CHUNK = 1 << 20  # an over-long line is skipped in chunks of this size, never held whole
@@ -366,6 +368,22 @@ def fatal_table(path: str, message: str) -> pa.Table:
     row = {name: [None] for name in RAW_SCHEMA.names}
     row.update(source=[path], order=[FATAL_ORDER], reason=[message])
     return pa.Table.from_pydict(row, schema=RAW_SCHEMA)
+
+
+def tally_table(source: Source, rows: int) -> pa.Table:
+    """The reader's count of one file's rows, sent after them through Ray Data as data: the driver
+    checks it against the rows that reached it, so a lost block is an error, never a gap."""
+    row = {name: [None] for name in RAW_SCHEMA.names}
+    row.update(source=[source.path], order=[TALLY_ORDER], id=[str(source.index)], text=[str(rows)])
+    return pa.Table.from_pydict(row, schema=RAW_SCHEMA)
+
+
+def read_tallies(control: pa.Table) -> dict[int, int]:
+    """File index -> rows read, from the tally rows among `control` (rows with a negative order)."""
+    tallies = {}
+    for row in control.filter(pc.equal(control["order"], TALLY_ORDER)).to_pylist():
+        tallies[int(row["id"])] = int(row["text"])
+    return tallies
 
 
 _MISSING = object()

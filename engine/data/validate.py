@@ -1,18 +1,24 @@
 """Row validation: every raw row leaves with a `reason` (quarantined) or without one (kept).
 
-Checks run as polars expressions over the whole staged table, because one of them (duplicate
-ids, first occurrence wins) needs every row; the rest are per row.
+Two kinds of checks, run in different places so that no process ever holds every row:
+- per-row checks (empty or over-long text, an unknown label) need only the row: `row_reasons`
+  runs on each batch inside the Ray task that read it;
+- the duplicate-id check (among rows that passed, the first occurrence in input order wins)
+  needs every row of an id: `duplicates` runs on one hash bucket of ids at a time (the driver
+  routes rows to buckets by a hash of the id, so all rows of an id share a bucket).
 """
 
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
 
-from engine.data.schema import normalize_label
+from engine.data.schema import RAW_SCHEMA, normalize_label
 
 
-def with_reasons(raw: pl.LazyFrame, max_chars: int, labels: list[str] | None) -> pl.LazyFrame:
-    """`raw` with `reason` filled for every rejected row; reasons found at read time come first."""
+def row_reasons(raw: pa.Table, max_chars: int, labels: list[str] | None) -> pa.Table:
+    """`raw` (RAW_SCHEMA) with `reason` filled for every row a per-row check rejects; a reason
+    found at read time comes first."""
     text = pl.col("text")
     checks = [
         pl.when(text.str.strip_chars() == "").then(pl.lit("empty text")),
@@ -27,15 +33,13 @@ def with_reasons(raw: pl.LazyFrame, max_chars: int, labels: list[str] | None) ->
                 pl.format("unknown label '{}'", pl.col("label"))
             )
         )
-    checked = raw.with_columns(reason=pl.coalesce(pl.col("reason"), *checks))
+    checked = pl.from_arrow(raw).with_columns(reason=pl.coalesce(pl.col("reason"), *checks))
+    return checked.to_arrow().cast(RAW_SCHEMA)
 
-    # Among rows that passed, the first occurrence of an id (in input order) wins.
-    ok = pl.col("reason").is_null()
-    first_order = pl.col("order").filter(ok).min().over("id")
-    first_source = pl.col("source").filter(ok).sort_by(pl.col("order").filter(ok)).first().over("id")
-    duplicate = ok & (pl.col("order") != first_order)
-    return checked.with_columns(
-        reason=pl.when(duplicate)
-        .then(pl.format("duplicate id (first seen at {})", first_source))
-        .otherwise(pl.col("reason"))
-    )
+
+def duplicates(bucket: pl.DataFrame) -> pl.DataFrame:
+    """`order`, `first` (the order of the id's first row) of every row of `bucket` (id, order of
+    rows that passed the per-row checks; all rows of each of its ids) that repeats an earlier id."""
+    first = bucket.group_by("id").agg(first=pl.col("order").min())
+    return (bucket.join(first, on="id").filter(pl.col("order") != pl.col("first"))
+            .select("order", "first"))
