@@ -250,8 +250,9 @@ class LoraTrainConfig(StrictModel):
     model: str | None = None
     adapter: Uri | None = Field(None, description="start from this adapter instead of a fresh LoRA")
     tasks: list[str] | None = Field(None, description="tasks to train on; default all")
-    objective: Literal["answer", "lm"] = Field("answer", description="answer: CE on the answer; lm: causal LM "
-                                                                      "loss over the whole text (adaptation)")
+    objective: Literal["answer", "labels", "lm"] = Field(
+        "answer", description="answer: CE on the answer tokens; labels: CE of the gold label among the task's "
+                              "labels (the ensemble's class probability); lm: causal LM loss over the whole text")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantize: Literal["none", "nf4"] = "none"
     prompt: str = "{text}\nAnswer:"
@@ -279,6 +280,9 @@ class EnsembleTrainConfig(StrictModel):
                                                  "start from; default: the one of groups.json")
     out: Uri | None = None
     quantize: Literal["none", "nf4"] = Field("none", description="nf4: QLoRA (4-bit base)")
+    objective: Literal["labels", "answer"] = Field(
+        "labels", description="the group adapters' loss: labels: CE of the gold label among the task's labels "
+                              "(what the ensemble scores); answer: CE on the answer tokens")
     epochs: PositiveInt = 3
     steps_per_epoch: PositiveInt | None = None
     batch_size: PositiveInt = 16

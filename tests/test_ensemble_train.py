@@ -147,6 +147,32 @@ def test_training_loss_is_cross_entropy_even_for_a_very_wrong_answer():
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(ours, theirs))
 
 
+def test_labels_loss_is_cross_entropy_over_the_tasks_labels():
+    """The group adapters' loss (objective `labels`): its value and gradient are those of
+    F.cross_entropy on the next-token logits restricted to the task's label tokens -- the class
+    probability the ensemble scores -- for tasks with two and three labels in one batch."""
+    import torch
+
+    from engine.features import objective
+
+    tokenizer, score = _lora_tiny(seed=2)
+    prompts = [tokenizer("A small furry animal that climbs trees.\nAnswer:")["input_ids"],
+               tokenizer("The senate voted on the new tax law.\nAnswer:")["input_ids"]]
+    labels = [[11, 17], [23, 5, 40]]  # token ids of each task's labels; gold: 17 and 23
+    gold = [1, 0]
+    examples = [(p, [ids[g], *ids[:g], *ids[g + 1:]]) for p, ids, g in zip(prompts, labels, gold)]
+    params = [p for p in score.model.parameters() if p.requires_grad]
+
+    value = objective.loss(score, objective.collate(examples, tokenizer.pad_token_id, "labels"), "labels")
+    ours = torch.autograd.grad(value, params)
+    last = [score.model(torch.tensor([p])).logits[0, -1].float() for p in prompts]
+    reference = sum(torch.nn.functional.cross_entropy(logits[ids][None], torch.tensor([g]))
+                    for logits, ids, g in zip(last, labels, gold)) / 2
+    theirs = torch.autograd.grad(reference, params)
+    assert float(value) == pytest.approx(float(reference), rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(ours, theirs))
+
+
 def test_residual_w_is_the_ridge_solution():
     import torch
 
