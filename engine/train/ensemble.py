@@ -149,7 +149,8 @@ def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path,
     configs = [LoraTrainConfig(
         data=data, out=out / "runs" / name, model=anchor_cfg.model, adapter=anchor_cfg.adapter, tasks=group,
         lora=anchor_cfg.lora,
-        quantize=cfg.quantize, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer, max_length=anchor_cfg.max_length,
+        quantize=cfg.quantize, objective=cfg.objective, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer,
+        max_length=anchor_cfg.max_length,
         epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
         workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, trust_remote_code=anchor_cfg.trust_remote_code, seed=cfg.seed, runtime=cfg.runtime,
     ).model_dump(mode="json") for name, group in zip(names, partition)]

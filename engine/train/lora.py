@@ -2,14 +2,15 @@
 training rows of some tasks, with Ray Train's TorchTrainer (data parallel, gloo on CPU).
 
 The loss is plain cross-entropy on the answer tokens (engine/features/objective.py; the clipped
-answer score f of the estimator is a gradient feature, not a training loss); `objective: lm`
-instead adapts the model to raw texts with the causal LM loss (the downstream check of pool
-selection). Every epoch is evaluated on the tasks' validation rows, as the ensemble will use
-the adapter: accuracy is the argmax over each task's labels of the first answer token's
-log-probability (engine/ensemble/labels.py), averaged over tasks; the loss is the training
-loss. Each epoch is checkpointed as a PEFT adapter (safetensors); the best epoch by validation
-accuracy (then loss) is kept in OUT/adapter. A rerun with the same OUT resumes from the last
-checkpoint.
+answer score f of the estimator is a gradient feature, not a training loss); `objective: labels`
+is the cross-entropy of the gold label among the task's labels, the class probability the
+ensemble scores (its group adapters train with it); `objective: lm` instead adapts the model to
+raw texts with the causal LM loss (the downstream check of pool selection). Every epoch is
+evaluated on the tasks' validation rows, as the ensemble will use the adapter: accuracy is the
+argmax over each task's labels of the first answer token's log-probability
+(engine/ensemble/labels.py), averaged over tasks; the loss is the training loss. Each epoch is
+checkpointed as a PEFT adapter (safetensors); the best epoch by validation accuracy (then loss)
+is kept in OUT/adapter. A rerun with the same OUT resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ def _evaluate(score: AnswerScore, encoded: list, labelled: list[LabelRows], pad:
     if not encoded:
         return {"val_loss": float("nan"), "val_accuracy": float("nan")}
     with torch.no_grad():
-        batches = [answers.collate(encoded[i:i + batch], pad) for i in range(0, len(encoded), batch)]
+        batches = [objective.collate(encoded[i:i + batch], pad, kind) for i in range(0, len(encoded), batch)]
         total = sum(float(objective.loss(score, b, kind)) * len(b) for b in batches)
-    accuracy = label_accuracy(score.model, labelled, pad, batch) if kind == "answer" else float("nan")
+    accuracy = label_accuracy(score.model, labelled, pad, batch) if kind != "lm" else float("nan")
     return {"val_loss": total / len(encoded), "val_accuracy": accuracy}
 
 
@@ -110,11 +111,35 @@ def _choices(cfg: LoraTrainConfig) -> dict[str, list[str]]:
             for t in frame["task"].drop_nulls().unique().to_list()}
 
 
-def _encode(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame) -> list:
+def _encode(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame, choices: dict[str, list[str]]) -> list:
+    """The rows as the objective trains on them (objective.collate's kinds); rows that do not
+    fit are left out."""
+    if cfg.objective == "labels":
+        return _encode_choices(tokenizer, cfg, frame, choices)
     rows = frame.iter_rows(named=True)
     encoded = (answers.encode_text(tokenizer, r["text"], cfg.max_length) if cfg.objective == "lm"
                else encode_row(tokenizer, cfg, r) for r in rows)
     return [e for e in encoded if not isinstance(e, str)]
+
+
+def _encode_choices(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame,
+                    choices: dict[str, list[str]]) -> list[objective.Choice]:
+    """Per labelled row, its prompt as the ensemble builds it (labels.prompt_ids: cut from the
+    left to max_length - 1) and its task's label tokens, the gold one first."""
+    tokens = {}
+    for task in sorted(set(frame["task"].drop_nulls())):
+        try:
+            tokens[task] = label_scores.label_token_ids(tokenizer, cfg.answer, choices[task])
+        except SiftError as exc:
+            raise SiftError(f"task {task!r}: {exc}; train it with objective=answer") from None
+    out = []
+    for row in frame.filter(pl.col("label").is_not_null() & (pl.col("text") != "")).iter_rows(named=True):
+        ids = tokens[row["task"]]
+        gold = choices[row["task"]].index(row["label"])
+        # prompt_ids reads only .prompt and .max_length, which the training config has too
+        out.append((label_scores.prompt_ids(tokenizer, cfg, row["text"], row["task"]),
+                    [ids[gold], *ids[:gold], *ids[gold + 1:]]))
+    return out
 
 
 def train_loop(config: dict) -> None:
@@ -139,11 +164,12 @@ def train_loop(config: dict) -> None:
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER / "adapter_model.safetensors")))
             start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
     score = AnswerScore(model)
-    every = _encode(tokenizer, cfg, _rows(cfg, "train"))
+    choices = _choices(cfg)
+    every = _encode(tokenizer, cfg, _rows(cfg, "train"), choices)
     train = every[rank::world]
     validation_rows = _rows(cfg, "validation")
-    validation = _encode(tokenizer, cfg, validation_rows)
-    labelled = label_rows(tokenizer, cfg, validation_rows, _choices(cfg)) if cfg.objective == "answer" else []
+    validation = _encode(tokenizer, cfg, validation_rows, choices)
+    labelled = label_rows(tokenizer, cfg, validation_rows, choices) if cfg.objective != "lm" else []
     trained = ray.train.torch.prepare_model(score) if world > 1 else score
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     # Every rank takes the same number of steps (DDP all-reduces each one), from the global count.
