@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import datasets
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from engine.config import IngestConfig
 from engine.data.ingest import EXAMPLES, QUARANTINE, SUMMARY, ingest
@@ -111,3 +113,66 @@ def test_folder_and_glob_inputs(tmp_path, ray_session):
     by_glob = ingest(IngestConfig(inputs=[str(folder / "part-*.jsonl")], out=tmp_path / "o2"))
     assert by_folder.rows_out == by_glob.rows_out == 12
     assert by_folder.tasks == {"t0": 4, "t1": 4, "t2": 4}
+
+
+def test_rows_lost_between_the_readers_and_the_driver_are_an_error(tmp_path, ray_session, monkeypatch):
+    """On a cluster the old ingest staged rows on whichever node read them and listed the driver's
+    disk: rows staged elsewhere vanished while rows_in = rows_out + rows_quarantined still held,
+    because rows_in was counted from what arrived. Each reader now counts its file's rows and the
+    driver checks that count against what reached it: losing one file's rows on the way (here cut
+    from the blocks the driver receives) or the count itself is an error naming the file."""
+    from engine.data import ingest as module
+    from engine.data import readers
+    from engine.errors import SiftError
+
+    for name in ("a", "b", "c"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"{name} row {i}"} for i in range(30)])
+    inputs = [str(tmp_path / f"{name}.jsonl") for name in ("a", "b", "c")]
+    received = module._blocks
+
+    def losing(rows_of_b: bool):
+        def blocks(ds):
+            for table in received(ds):
+                order = table["order"].to_numpy()
+                control = order < 0
+                from_b = ~control & ((order >> readers.ROW_BITS) == 1)
+                tally_of_b = control & (order == readers.TALLY_ORDER) & (table["source"].to_numpy() == inputs[1])
+                yield table.filter(~(from_b if rows_of_b else tally_of_b))
+        return blocks
+
+    monkeypatch.setattr(module, "_blocks", losing(rows_of_b=True))
+    with pytest.raises(SiftError, match=rf"^{tmp_path}/b.jsonl: its reader read 30 rows but 0 reached the driver; "
+                                        "rows were lost on the way: rerun the ingest$"):
+        ingest(IngestConfig(inputs=inputs, out=tmp_path / "out"))
+    monkeypatch.setattr(module, "_blocks", losing(rows_of_b=False))
+    with pytest.raises(SiftError, match=rf"^{tmp_path}/b.jsonl: its reader's row count never reached the driver"):
+        ingest(IngestConfig(inputs=inputs, out=tmp_path / "out"))
+    monkeypatch.setattr(module, "_blocks", received)
+    assert ingest(IngestConfig(inputs=inputs, out=tmp_path / "out")).rows_out == 90
+
+
+def test_duplicates_across_files_are_found_bucket_by_bucket(tmp_path, ray_session, monkeypatch):
+    """The driver checks duplicate ids one hash bucket of ids at a time; with many small buckets
+    every output is the same as with one, including repeats across files and the first-seen place."""
+    from engine.data import ingest as module
+
+    files = []
+    for f in range(3):
+        rows = [{"id": f"k{(i * 7 + f) % 40}", "text": f"file {f} row {i}", "label": "pos" if i % 3 else None}
+                for i in range(50)]
+        rows[5]["text"] = ""  # a rejected row never counts as an id's first occurrence
+        files.append(str(write_jsonl(tmp_path / f"part-{f}.jsonl", rows)))
+    whole = ingest(IngestConfig(inputs=files, out=tmp_path / "one"))
+    monkeypatch.setattr(module, "BUCKET_ROWS", 7)
+    monkeypatch.setattr(module, "PASS_ROWS", 16)
+    bucketed = ingest(IngestConfig(inputs=files, out=tmp_path / "many"))
+    assert whole.rows_out == 40 and whole.reasons == {"duplicate id": 107, "empty text": 3}
+    assert {k: v for k, v in asdict(bucketed).items() if k != "out"} == {k: v for k, v in asdict(whole).items()
+                                                                          if k != "out"}
+    for name in (EXAMPLES, QUARANTINE):
+        assert pl.read_parquet(tmp_path / "many" / name).equals(pl.read_parquet(tmp_path / "one" / name))
+    reasons = dict(pl.read_parquet(tmp_path / "one" / QUARANTINE).select("source", "reason").iter_rows())
+    assert reasons[f"{files[1]}:1"] == f"duplicate id (first seen at {files[0]}:24)"  # k1
+    # k35's row at file 0 line 6 is empty, so its first occurrence is file 0 line 46
+    assert reasons[f"{files[0]}:6"] == "empty text"
+    assert reasons[f"{files[1]}:23"] == f"duplicate id (first seen at {files[0]}:46)"
