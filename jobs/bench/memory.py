@@ -1,0 +1,152 @@
+"""Driver memory as the data grows (issue 13): peak RSS of the driver process of `select-pool`
+(GOT-D over a synthetic 384-d embedding store) and of `ingest` (short jsonl rows) at two sizes,
+and the ratio large/small (flat means <= 1.3). Prints one JSON object.
+
+    python jobs/bench/memory.py                                   # 1M and 4M, this checkout
+    python jobs/bench/memory.py --sizes 500000,2000000 --roots /tmp/old-checkout,.
+
+Each measurement is a fresh child process (`--child`) with its own embedded Ray, importing
+`engine` from the checkout given in --roots (so an older commit, e.g. `git worktree add
+/tmp/old HEAD~3`, runs on the same data); its peak RSS is the child's own `ru_maxrss`: the driver
+only, not Ray's workers (they hold blocks for as long as a task runs, whatever the data size).
+The data is written once per size into --data (a temporary folder by default, deleted after):
+4M x 384 float32 is 6 GB; check `df -h` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DIM = 384
+SHARD_ROWS = 65_536
+TARGET_ROWS = 500
+BUDGET = 10_000
+INGEST_FILES = 8
+
+
+def write_store(root: Path, rows: int, seed: int, prefix: str) -> None:
+    """A store of unit vectors around 32 centres, written shard by shard (never whole in memory)."""
+    import numpy as np
+    import polars as pl
+
+    from engine.features.store import FeatureStore, StoreSpec
+
+    spec = StoreSpec(kind="embeddings", fingerprint={"source": f"memory-bench-{prefix}-{rows}-{seed}"}, dim=DIM,
+                     dtype="float32", seed=None, rows=rows, shard_rows=SHARD_ROWS)
+    store = FeatureStore.prepare(root, spec, force=True)
+    centers = np.random.default_rng(0).normal(size=(32, DIM)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True) * 4
+    rng = np.random.default_rng(seed)
+    for k in range(spec.num_shards):
+        start, stop = store.shard_range(k)
+        labels = rng.integers(0, 32, size=stop - start)
+        x = centers[labels] + rng.standard_normal((stop - start, DIM), dtype=np.float32) * np.float32(0.04)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = pl.DataFrame({"id": [f"{prefix}{i}" for i in range(start, stop)],
+                            "task": [f"c{c:02d}" for c in labels]})
+        store.write_shard(k, ids, x, pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+
+
+def write_jsonl(folder: Path, rows: int) -> None:
+    """INGEST_FILES jsonl files of short rows: ~1% repeat an earlier id, ~1% have empty text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = -(-rows // INGEST_FILES)
+    for f in range(INGEST_FILES):
+        with (folder / f"part-{f}.jsonl").open("w") as out:
+            for i in range(f * per_file, min(rows, (f + 1) * per_file)):
+                text = "" if i % 97 == 5 else f"short row {i} about topic {i % 13}"
+                key = i - 50_000 if i % 101 == 7 and i >= 50_000 else i
+                out.write(json.dumps({"id": f"r{key}", "text": text, "task": f"t{i % 5}", "label": "pos"}) + "\n")
+
+
+def prepare(data: Path, rows: int) -> dict[str, Path]:
+    paths = {"pool": data / f"pool-{rows}", "target": data / "target", "ingest": data / f"ingest-{rows}"}
+    if not (paths["pool"] / "manifest.json").is_file():
+        write_store(paths["pool"], rows, seed=1, prefix="p")
+    if not (paths["target"] / "manifest.json").is_file():
+        write_store(paths["target"], TARGET_ROWS, seed=2, prefix="t")
+    if not paths["ingest"].is_dir():
+        write_jsonl(paths["ingest"], rows)
+    return paths
+
+
+def child(kind: str, source: str, target: str, out: str) -> None:
+    """One measured run in this process: prints wall seconds and this process's peak RSS."""
+    from engine import runtime
+    from engine.config import IngestConfig, RuntimeConfig, SelectPoolConfig
+
+    runtime.start(RuntimeConfig(num_cpus=2))
+    started = time.perf_counter()
+    if kind == "select":
+        from engine.select.pool.select import select_pool
+
+        report = select_pool(SelectPoolConfig(pool=source, target=target, budget=BUDGET, out=out, support_size=2_000,
+                                              threshold=0.1))
+        result = {"scored": report["counts"]["scored"], "converged": report["details"]["converged"]}
+    else:
+        from engine.data.ingest import ingest
+
+        summary = ingest(IngestConfig(inputs=[source], out=out))
+        result = {"rows_in": summary.rows_in, "rows_out": summary.rows_out, "reasons": summary.reasons}
+    wall = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print("RESULT " + json.dumps({**result, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20)}))
+
+
+def measure(root: Path, kind: str, paths: dict[str, Path], out: Path) -> dict:
+    source = paths["pool"] if kind == "select" else paths["ingest"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(source),
+                           str(paths["target"]), str(out)], cwd=root, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{kind} at {root} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000000,4000000", help="small,large rows")
+    parser.add_argument("--roots", default=".", help="comma-separated checkouts to measure (engine imported from each)")
+    parser.add_argument("--kinds", default="select,ingest")
+    parser.add_argument("--data", help="folder for the generated data (kept); default a temporary folder (deleted)")
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "SOURCE", "TARGET", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    roots = [Path(r).resolve() for r in args.roots.split(",")]
+    data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="sift-memory-"))
+    result: dict = {"sizes": sizes, "dim": DIM, "target_rows": TARGET_ROWS, "budget": BUDGET, "runs": {}}
+    try:
+        for rows in sizes:
+            started = time.perf_counter()
+            paths = prepare(data, rows)
+            result.setdefault("generate_s", {})[rows] = round(time.perf_counter() - started, 1)
+            for kind in args.kinds.split(","):
+                for root in roots:  # side by side at each size, so machine noise hits both alike
+                    run = measure(root, kind, paths, data / "out")
+                    result["runs"].setdefault(f"{kind} @ {root}", {})[rows] = run
+    finally:
+        if not args.data:
+            shutil.rmtree(data, ignore_errors=True)
+    small, large = sizes[0], sizes[-1]
+    for runs in result["runs"].values():
+        runs["rss_ratio"] = round(runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"], 2)
+        runs["wall_ratio"] = round(runs[large]["wall_s"] / runs[small]["wall_s"], 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
