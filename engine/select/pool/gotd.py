@@ -16,18 +16,21 @@ def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
     """Scores (higher = chosen first) and the solve's report for every vector in `store`."""
     ot.default_eps_check(cfg.eps)
     vectors = store.vectors()
-    eligible = np.arange(len(vectors))
-    domains = None
+    eligible, domains = None, None  # eligible: row numbers kept by the domain test (None: every row)
     if cfg.domain_keep is not None:
         eligible, domains = domain_test(store, target, cfg)
-    n = len(eligible)
+    n = len(vectors) if eligible is None else len(eligible)
+
+    def rows(picked: np.ndarray) -> np.ndarray:
+        return vectors[picked if eligible is None else eligible[picked]]
+
     weights = None
     if n <= cfg.full_max:
-        support_kind, support = "full", vectors[eligible]
+        support_kind, support = "full", rows(np.arange(n))
     elif cfg.support == "sample":
-        support_kind, support = "sample", vectors[eligible[ot.support_sample(n, cfg.support_size, cfg.seed)]]
+        support_kind, support = "sample", rows(ot.support_sample(n, cfg.support_size, cfg.seed))
     else:
-        sample = vectors[eligible[ot.support_sample(n, 20 * cfg.support_size, cfg.seed)]]
+        sample = rows(ot.support_sample(n, 20 * cfg.support_size, cfg.seed))
         support, assignment = kmeans(sample, cfg.support_size, niter=10, seed=cfg.seed)
         weights = np.bincount(assignment, minlength=cfg.support_size).astype(np.float64)
         support_kind, support, weights = "kmeans", support[weights > 0], weights[weights > 0]
@@ -36,9 +39,14 @@ def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
     started = time.perf_counter()
     g = c_transform_store(store, solution)
     extend_s = time.perf_counter() - started
-    gradient = np.full(len(g), np.nan)
-    gradient[eligible] = ot.calibrated_gradient(g[eligible])
-    scores = -gradient if cfg.variant == "clean" else gradient
+    if eligible is None:  # the driver holds g and one array of scores: 16 bytes per candidate at most
+        scores = ot.calibrated_gradient(g)
+    else:
+        scores = np.full(len(g), np.nan)
+        scores[eligible] = ot.calibrated_gradient(g[eligible])
+    del g
+    if cfg.variant == "clean":
+        np.negative(scores, out=scores)
     scores[np.isnan(scores)] = -np.inf  # sources dropped by the domain test come last, never selected
     report = {
         "support": support_kind,

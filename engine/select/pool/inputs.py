@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from engine.features.embed import embed
 from engine.features.store import MANIFEST, FeatureStore, StoreSpec
 
 PRECOMPUTED_SHARD_ROWS = 65_536
+ROW_BATCH = 65_536  # example rows per batch when a pool of texts is read in passes
 
 
 @dataclass
@@ -39,11 +41,21 @@ class Candidates:
     rows_in: int  # rows the user handed in
     quarantine: pl.DataFrame  # id, reason, stage: rows lost before scoring
 
-    def rows(self) -> pl.DataFrame:
-        """The candidates that can be scored, in feature order (or example order without features)."""
+    def count(self) -> int:
+        """How many candidates can be scored, from the stored files' metadata."""
         if self.store is not None:
-            return self.store.rows()
-        return pl.read_parquet(self.examples)
+            return len(self.store.vectors())
+        return pq.ParquetFile(self.examples).metadata.num_rows
+
+    def row_batches(self) -> Iterator[pl.DataFrame]:
+        """The candidates' rows (id, task, ...) in feature order (or example order without
+        features), a store shard or a parquet batch at a time: never the whole pool at once."""
+        if self.store is not None:
+            for k in range(self.store.spec.num_shards):
+                yield self.store.shard_rows_frame(k)
+            return
+        for batch in pq.ParquetFile(self.examples).iter_batches(ROW_BATCH):
+            yield pl.from_arrow(batch)
 
     @property
     def encoder(self) -> str | None:

@@ -183,11 +183,16 @@ def ot_cost(x: np.ndarray, y: np.ndarray, eps: float, threshold: float, max_iter
 
 
 def calibrated_gradient(g: np.ndarray) -> np.ndarray:
-    """grad_i = g_i - (sum_j g_j - g_i) / (N - 1): monotone in g_i, comparable across pools."""
+    """grad_i = g_i - (sum_j g_j - g_i) / (N - 1): monotone in g_i, comparable across pools.
+
+    The same operations in the same order as that formula, with one new array instead of three
+    (N float64s each: a pool of 100M would hold 2.4 GB of temporaries)."""
     n = len(g)
     if n < 2:
         return g.copy()
-    return g - (g.sum() - g) / (n - 1)
+    out = np.subtract(g.sum(), g)
+    out /= n - 1
+    return np.subtract(g, out, out=out)
 
 
 def support_sample(n: int, size: int, seed: int) -> np.ndarray:

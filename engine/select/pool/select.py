@@ -9,12 +9,16 @@ rows_in = quarantined + selected + not_selected.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from engine import runtime
 from engine.config import SelectPoolConfig
@@ -24,6 +28,9 @@ from engine.select.pool import baselines
 from engine.select.pool.gotd import gotd_scores
 from engine.select.pool.inputs import Candidates, check_same_encoder, resolve
 
+RUN_ROWS = 1 << 18  # rows per sorted run of scores.parquet's merge
+RUN_GROUP_ROWS = 8192  # parquet row group of a run: the unit a merge step reads
+MERGE_ROWS = 1 << 19  # ranks per merge step: the most rows of scores.parquet in memory at once
 NEEDS = {"gotd": "embeddings", "knn": "embeddings", "grad-cosine": "grads", "dsir": "texts", "random": "any"}
 
 
@@ -51,26 +58,17 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
     pool = resolve(cfg.pool, "pool", cfg, need)
     target = resolve(cfg.target, "target", cfg, need)
     check_same_encoder(pool, target)
-    candidates = pool.rows()
-    if candidates.height == 0:
+    scored = pool.count()
+    if scored == 0:
         raise SiftError(f"the pool is empty: none of its {pool.rows_in} rows survived ingest and featurization "
                         f"(see {out / 'quarantine.parquet'})")
     pool.quarantine.write_parquet(out / "quarantine.parquet")
-    k = budget_rows(cfg.budget, candidates.height)
+    k = budget_rows(cfg.budget, scored)
     prepared = time.perf_counter()
-    scores, details = _scores(cfg, pool, target, candidates)
-    scored = time.perf_counter()
-
-    order = np.lexsort((np.arange(len(scores)), -scores))  # best first; ties keep pool order
-    rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(1, len(scores) + 1)
-    keep = [c for c in ("id", "task") if c in candidates.columns]
-    result = candidates.select(keep).with_columns(
-        score=pl.Series(scores), rank=pl.Series(rank), selected=pl.Series(rank <= k)).sort("rank")
-    result.write_parquet(out / "scores.parquet")
-    chosen = result.filter(pl.col("selected")).select("id", "rank", "score")
-    full = pl.read_parquet(pool.examples) if pool.examples is not None else candidates
-    chosen.join(full, on="id", how="left").sort("rank").write_parquet(out / "selected.parquet")
+    scores, details = _scores(cfg, pool, target)
+    scoring_done = time.perf_counter()
+    ranking = _write_scores(pool, scores, k, out)
+    _write_selected(pool, ranking.chosen, out)
 
     report = {
         "method": cfg.method,
@@ -79,27 +77,115 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
         "counts": {
             "rows_in": pool.rows_in,
             "quarantined": pool.quarantine.height,
-            "scored": candidates.height,
+            "scored": scored,
             "selected": k,
-            "not_selected": candidates.height - k,
-            "target_rows": target.rows().height,
+            "not_selected": scored - k,
+            "target_rows": target.count(),
         },
         "details": details,
         "warnings": _warnings(details),
-        "seconds": {"inputs": round(prepared - started, 3), "scoring": round(scored - prepared, 3),
+        "seconds": {"inputs": round(prepared - started, 3), "scoring": round(scoring_done - prepared, 3),
                     "total": round(time.perf_counter() - started, 3)},
-        "selected_by_task": _by_task(result.filter(pl.col("selected"))),
-        "pool_by_task": _by_task(result),
+        "selected_by_task": _ranked(ranking.selected_by_task),
+        "pool_by_task": _ranked(ranking.pool_by_task),
         "config": cfg.model_dump(mode="json"),
     }
     counts = report["counts"]
     if counts["rows_in"] != counts["quarantined"] + counts["scored"]:
         raise AssertionError(f"select-pool lost rows: {counts}")
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    _plot(result, report, out / "report.png")
+    _plot(scores, ranking.selected, report, out / "report.png")
     for line in report["warnings"]:
         print(f"sift: warning: {line}", file=sys.stderr)
     return report
+
+
+@dataclass
+class Ranking:
+    """What the pass that writes scores.parquet learns on the way."""
+
+    selected: np.ndarray  # bool per candidate, in pool order
+    chosen: pl.DataFrame  # the selected candidates' rows with rank and score, best first
+    pool_by_task: Counter  # candidates per source (task column; "(all)" without one)
+    selected_by_task: Counter
+
+
+def rank_of(scores: np.ndarray) -> np.ndarray:
+    """Rank per candidate, 1 = best: by score, ties in pool order (a stable sort of -scores, the
+    same order as np.lexsort((arange, -scores)) without its N-row index)."""
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(len(scores), dtype=np.int64)
+    for start in range(0, len(order), MERGE_ROWS):  # rank[order] = 1..N, without an N-row arange
+        chunk = order[start:start + MERGE_ROWS]
+        rank[chunk] = np.arange(start + 1, start + 1 + len(chunk))
+    return rank
+
+
+def _write_scores(pool: Candidates, scores: np.ndarray, k: int, out: Path) -> Ranking:
+    """scores.parquet (id, task, score, rank, selected; best first), written without the pool's
+    rows ever in memory at once: the rows are read in pool order, a batch at a time, and written
+    sorted by rank into runs of RUN_ROWS rows; the runs are then merged MERGE_ROWS ranks at a
+    time (each run sorted by rank, so parquet statistics skip what a merge step does not need)."""
+    rank = rank_of(scores)
+    selected = rank <= k
+    runs = out / "_runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir()
+    pool_by, selected_by = Counter(), Counter()
+    chosen, pending, written, offset = [], [], [], 0
+
+    def flush() -> None:
+        if pending:
+            run = runs / f"{len(written):05d}.parquet"
+            pl.concat(pending).sort("rank").write_parquet(run, row_group_size=RUN_GROUP_ROWS)
+            written.append(run)
+            pending.clear()
+
+    for rows in pool.row_batches():
+        part = slice(offset, offset + rows.height)
+        offset += rows.height
+        keep = [c for c in ("id", "task") if c in rows.columns]
+        scored = rows.select(keep).with_columns(score=pl.Series(scores[part]), rank=pl.Series(rank[part]),
+                                                selected=pl.Series(selected[part]))
+        pool_by.update(_by_task(scored))
+        selected_by.update(_by_task(scored.filter(pl.col("selected"))))
+        chosen.append(rows.filter(pl.Series(selected[part])).select(
+            "id", pl.Series("rank", rank[part][selected[part]]), pl.Series("score", scores[part][selected[part]]),
+            *[c for c in rows.columns if c != "id"]))
+        pending.append(scored)
+        if sum(p.height for p in pending) >= RUN_ROWS:
+            flush()
+    flush()
+    if offset != len(scores):
+        raise AssertionError(f"select-pool scored {len(scores)} candidates but read {offset} rows")
+    del rank
+    writer = None
+    for start in range(1, len(scores) + 1, MERGE_ROWS):
+        step = pl.scan_parquet(written).filter(pl.col("rank").is_between(start, start + MERGE_ROWS - 1))
+        table = step.sort("rank").collect().to_arrow()
+        writer = writer or pq.ParquetWriter(out / "scores.parquet", table.schema)
+        writer.write_table(table)
+    writer.close()
+    shutil.rmtree(runs)
+    return Ranking(selected, pl.concat(chosen).sort("rank"), pool_by, selected_by)
+
+
+def _write_selected(pool: Candidates, chosen: pl.DataFrame, out: Path) -> None:
+    """selected.parquet: the chosen rows, best first, with every column of the pool's examples
+    (texts) or of its feature store's rows; the examples are streamed past the chosen ids."""
+    if pool.examples is None:
+        full = chosen
+    else:
+        examples = pl.scan_parquet(pool.examples)
+        others = [c for c in examples.collect_schema().names() if c != "id"]
+        full = (examples.join(chosen.select("id", "rank", "score").lazy(), on="id", how="inner")
+                .select("id", "rank", "score", *others).sort("rank").collect(engine="streaming"))
+    full.write_parquet(out / "selected.parquet")
+
+
+def _ranked(counts: Counter) -> dict[str, int]:
+    """Most first, ties by name."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _warnings(details: dict) -> list[str]:
@@ -119,9 +205,9 @@ def _warnings(details: dict) -> list[str]:
     return lines
 
 
-def _scores(cfg: SelectPoolConfig, pool: Candidates, target: Candidates, candidates: pl.DataFrame):
+def _scores(cfg: SelectPoolConfig, pool: Candidates, target: Candidates) -> tuple[np.ndarray, dict]:
     if cfg.method == "random":
-        return baselines.random_scores(candidates.height, cfg.seed), {}
+        return baselines.random_scores(pool.count(), cfg.seed), {}
     if cfg.method == "dsir":
         texts = target.texts()["text"].to_list()
         _nonempty(texts)
@@ -147,21 +233,19 @@ def _nonempty(target) -> None:
 
 def _by_task(frame: pl.DataFrame) -> dict[str, int]:
     if "task" not in frame.columns:
-        return {"(all)": frame.height}
-    counted = frame.group_by(pl.col("task").fill_null("(none)")).len().sort("len", descending=True)
-    return dict(counted.rows())
+        return {"(all)": frame.height} if frame.height else {}
+    return dict(frame.group_by(pl.col("task").fill_null("(none)")).len().iter_rows())
 
 
-def _plot(result: pl.DataFrame, report: dict, path: Path) -> None:
+def _plot(scores: np.ndarray, selected: np.ndarray, report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    finite = result.filter(pl.col("score").is_finite())  # -inf: dropped by the domain test
-    scores = finite["score"].to_numpy()
-    selected = finite["selected"].to_numpy()
+    finite = np.isfinite(scores)  # -inf: dropped by the domain test
+    scores, selected = scores[finite], selected[finite]
     bins = np.histogram_bin_edges(scores, bins=60)
     left.hist(scores[~selected], bins=bins, color="#bbbbbb", label="not selected")
     left.hist(scores[selected], bins=bins, color="#d62728", label="selected")
