@@ -175,6 +175,11 @@ class FeatureStore:
             return np.load(self._files(k)[0], mmap_mode="r")
         return self._cached_shard(k)
 
+    def shard_rows_frame(self, k: int) -> pl.DataFrame:
+        """Shard k's row metadata (id, task, ...), aligned with `shard_vectors(k)`: a pass over a
+        large store reads it shard by shard instead of `rows()` whole."""
+        return storage.read_parquet(self._files(k)[1])
+
     def size_bytes(self) -> int:
         return storage.size(storage.join(self.root, SHARDS))
 
