@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.config import EmbedConfig, IngestConfig, SelectPoolConfig
@@ -136,31 +138,75 @@ def _has_embedding_column(path: Path) -> bool:
 def _store_from_parquet(path: Path, out: Path) -> FeatureStore:
     """Precomputed embeddings (id + embedding columns) as a feature store. Rows without an id,
     with a non-finite vector, or repeating an earlier good row's id (the first wins: a repeated id
-    would be selected twice, past the budget) are quarantined with the reason."""
+    would be selected twice, past the budget) are quarantined with the reason.
+
+    The vectors go from arrow's list columns straight into float32 arrays, a parquet batch at a
+    time (two passes: finiteness for the id check, then the shards), never as Python lists."""
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     stamp = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files).encode())
-    frame = pl.read_parquet(files, columns=["id", "embedding"])
-    if frame.height == 0:
+    ids = pl.read_parquet(files, columns=["id"])
+    if ids.height == 0:
         raise SiftError(f"{path}: holds no rows")
-    try:
-        vectors = np.asarray(frame["embedding"].to_list(), dtype=np.float32)
-    except (ValueError, TypeError):
-        raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers") from None
-    if vectors.ndim != 2:
+    dims, finite = set(), []
+    for vectors in _embedding_batches(files, path):
+        dims.add(vectors.shape[1])
+        finite.append(np.isfinite(vectors).all(axis=1))
+    if len(dims) != 1:
         raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers")
     spec = StoreSpec(kind="embeddings", fingerprint={"source": f"{path}@{stamp.hexdigest()[:16]}",
                                                      "checks": "id, finite, unique id"},
-                     dim=vectors.shape[1], dtype="float32", seed=None, rows=frame.height,
+                     dim=dims.pop(), dtype="float32", seed=None, rows=ids.height,
                      shard_rows=PRECOMPUTED_SHARD_ROWS)
     store = FeatureStore.prepare(out, spec, replace_mismatch=True)
-    checked = _row_reasons(frame.select("id"), np.isfinite(vectors).all(axis=1))
-    for k in store.missing_shards():
-        start, stop = store.shard_range(k)
-        part = checked.slice(start, stop - start)
-        ok = part["reason"].is_null()
-        store.write_shard(k, part.filter(ok).select("id"), vectors[start:stop][ok.to_numpy()],
-                          part.filter(~ok).select("id", "reason"))
+    checked = _row_reasons(ids, np.concatenate(finite))
+    missing = set(store.missing_shards())
+    for k, vectors in enumerate(_rechunk(_embedding_batches(files, path), spec.shard_rows)):
+        if k in missing:
+            start, stop = store.shard_range(k)
+            part = checked.slice(start, stop - start)
+            ok = part["reason"].is_null()
+            store.write_shard(k, part.filter(ok).select("id"), vectors[ok.to_numpy()],
+                              part.filter(~ok).select("id", "reason"))
     return store
+
+
+def _embedding_batches(files: list[Path], path: Path) -> Iterator[np.ndarray]:
+    """The embedding column as float32 (rows, dim) arrays, one parquet batch at a time."""
+    def refuse() -> SiftError:
+        return SiftError(f"{path}: the embedding column must hold equal-length lists of numbers")
+
+    for file in files:
+        for batch in pq.ParquetFile(file).iter_batches(ROW_BATCH, columns=["embedding"]):
+            column = batch.column(0)
+            if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                    or pa.types.is_fixed_size_list(column.type)) or column.null_count:
+                raise refuse()
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            if len(lengths) and (lengths != lengths[0]).any():
+                raise refuse()
+            values = column.flatten()
+            if values.null_count:
+                raise refuse()
+            try:
+                flat = values.cast(pa.float32()).to_numpy(zero_copy_only=False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise refuse() from None
+            yield flat.reshape(len(column), int(lengths[0]) if len(lengths) else 0)
+
+
+def _rechunk(batches: Iterator[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+    """The same rows in arrays of exactly `rows` (the last one shorter)."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(batch)
+        while held >= rows:
+            joined = np.concatenate(pending)
+            yield joined[:rows]
+            pending, held = [joined[rows:]], held - rows
+    if held:
+        yield np.concatenate(pending)
 
 
 def _row_reasons(ids: pl.DataFrame, finite: np.ndarray) -> pl.DataFrame:
