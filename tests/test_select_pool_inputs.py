@@ -70,3 +70,50 @@ def test_pool_and_target_from_different_encoders_are_refused(tmp_path, ray_sessi
     with pytest.raises(SiftError, match=r"^pool features come from encoder tiny-llama-v1-2048@\w+ but target "
                                         r"features from other-encoder@\w+; compute both with the same model$"):
         select_pool(SelectPoolConfig(pool=pool, target=different, budget=5, out=tmp_path / "refused"))
+
+
+def test_pool_passes_shard_by_shard_give_the_same_outputs(tmp_path, ray_session, monkeypatch):
+    """select-pool reads the pool a batch at a time and writes scores.parquet from sorted runs
+    merged by rank ranges, so the driver never holds the pool's rows whole (issue 13); with runs,
+    merge steps, parquet batches and store shards far smaller than the pool every output is the
+    same as with one of each, and precomputed vectors never become Python lists."""
+    from engine.select.pool import inputs, select
+
+    rng = np.random.default_rng(11)
+    (tmp_path / "pool").mkdir()
+    for part in range(2):  # a folder of two parquet files, ids repeated across them
+        vectors = rng.normal(size=(1500, 8)).astype(np.float32)
+        vectors[[3, 700]] = np.nan
+        ids = [f"p{i}" for i in range(part * 1400, part * 1400 + 1500)]
+        pl.DataFrame({"id": ids, "embedding": vectors.tolist()}).write_parquet(tmp_path / "pool" / f"{part}.parquet")
+    pl.DataFrame({"id": [f"t{i}" for i in range(40)],
+                  "embedding": (rng.normal(size=(40, 8)) + 0.5).astype(np.float32).tolist()}).write_parquet(
+        tmp_path / "t.parquet")
+    cfg = SelectPoolConfig(pool=str(tmp_path / "pool"), target=str(tmp_path / "t.parquet"), budget=0.1,
+                           full_max=1000, support_size=800, out=tmp_path / "whole")
+    whole = select_pool(cfg)
+
+    monkeypatch.setattr(select, "RUN_ROWS", 300)
+    monkeypatch.setattr(select, "RUN_GROUP_ROWS", 64)
+    monkeypatch.setattr(select, "MERGE_ROWS", 500)
+    monkeypatch.setattr(inputs, "ROW_BATCH", 256)
+    monkeypatch.setattr(inputs, "PRECOMPUTED_SHARD_ROWS", 700)
+    to_list = pl.Series.to_list
+
+    def no_vector_lists(series, *args, **kwargs):
+        assert not isinstance(series.dtype, (pl.List, pl.Array)), "vectors turned into Python lists"
+        return to_list(series, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Series, "to_list", no_vector_lists)
+    parts = select_pool(cfg.model_copy(update={"out": tmp_path / "parts"}))
+
+    assert FeatureStore(tmp_path / "parts" / "pool" / "embeddings").spec.num_shards == 5
+    assert whole["counts"] == parts["counts"] == {"rows_in": 3000, "quarantined": 103, "scored": 2897,
+                                                  "selected": 290, "not_selected": 2607, "target_rows": 40}
+    assert {k: v for k, v in whole["details"].items() if not k.endswith("_s")} == \
+        {k: v for k, v in parts["details"].items() if not k.endswith("_s")}
+    for name in ("scores.parquet", "selected.parquet", "quarantine.parquet"):
+        expected, got = (pl.read_parquet(tmp_path / out / name) for out in ("whole", "parts"))
+        assert got.columns == expected.columns and got.equals(expected), name
+    scores = pl.read_parquet(tmp_path / "parts" / "scores.parquet")
+    assert scores["rank"].to_list() == list(range(1, 2898)) and scores["score"].is_sorted(descending=True)
