@@ -23,6 +23,7 @@ them with the next shard already downloading.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -42,6 +43,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 SHARDS = "shards"
 CACHE_BYTES = 256 << 20  # remote shards kept in memory for random access
+MAX_MAPS = 1024  # local shards kept memory-mapped for random access (100M rows of 1,024-row shards: 97,657)
 FETCH_THREADS = 8  # parallel GETs when many small shard files are read from object storage
 
 
@@ -162,9 +164,10 @@ class FeatureStore:
         a local store, shards fetched on demand for a remote one."""
         self.check_complete()
         dtype = np.dtype(self.spec.dtype)
-        if not self.remote:
-            shards = [self.shard_vectors(k) for k in range(self.spec.num_shards)]
-            return ShardedVectors([len(s) for s in shards], self.spec.dim, dtype, shards.__getitem__)
+        if not self.remote:  # shards mapped when read, at most MAX_MAPS at once: Linux allows 65,530 maps
+            counts = [_npy_rows(self._files(k)[0]) for k in range(self.spec.num_shards)]
+            mapped = functools.lru_cache(maxsize=MAX_MAPS)(self.shard_vectors)
+            return ShardedVectors(counts, self.spec.dim, dtype, mapped, self.shard_vectors)
         counts = self._each_shard(lambda k: storage.parquet_rows(self._files(k)[1]))
         return ShardedVectors(counts, self.spec.dim, dtype, self._cached_shard, self._fetch_shard)
 
@@ -262,6 +265,14 @@ class ShardedVectors:
                 shard = ahead.result()
                 ahead = pool.submit(self._fetch, k + 1) if k + 1 < self.num_shards else None
                 yield shard
+
+
+def _npy_rows(path: str) -> int:
+    """Rows of a local .npy file, from its header (without mapping it)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(f)[0][0]
 
 
 def _differences(old: dict, new: dict) -> str:
