@@ -57,6 +57,8 @@ def redirect() -> None:
         logger.handlers = [_handler]
         logger.setLevel(logging.WARNING)
         logger.propagate = False
+    if "ray" in sys.modules:
+        _ray_messages_to_file()
     try:
         import transformers
 
@@ -64,6 +66,25 @@ def redirect() -> None:
         transformers.utils.logging.add_handler(_handler)
     except ImportError:
         pass
+
+
+def _ray_messages_to_file() -> None:
+    """Ray's driver prints what the cluster pushes to it (worker start-up warnings, retried
+    tasks of a stopped Serve controller) from a thread, straight to sys.stdout; in a quiet run
+    those lines go to the log file. Ray looks the printer up by name on each message."""
+    from ray._private import worker
+
+    printer = getattr(worker.print_to_stdstream, "ray_printer", worker.print_to_stdstream)
+
+    def to_file(data: dict, ignore_prefix: bool) -> None:
+        if _handler is None:  # --verbose in a later run of this process
+            return printer(data, ignore_prefix)
+        for line in data.get("lines", []):
+            _handler.emit(logging.makeLogRecord({"name": f"ray ({data.get('pid')})", "levelno": logging.WARNING,
+                                                 "levelname": "WARNING", "msg": line}))
+
+    to_file.ray_printer = printer
+    worker.print_to_stdstream = to_file
 
 
 def _descriptor_2_to(path: Path) -> None:

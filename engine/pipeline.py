@@ -46,12 +46,12 @@ def run(cfg: PipelineConfig, force: bool = False) -> list[executor.Outcome]:
     from engine.stages import STAGES
 
     started = time.perf_counter()
-    info = runtime.start(cfg.runtime)
-    print(f"Ray {info.mode} at {info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs; outputs in {cfg.out}")
-    steps = _resolve(cfg, STAGES)
+    steps = _resolve(cfg, STAGES)  # every step's config checked before Ray starts: errors in a second
     unknown = sorted(set(cfg.only or []) - {name for name, _, _ in steps})
     if unknown:
         raise SiftError(f"--only names no step of this pipeline: {', '.join(unknown)}")
+    info = runtime.start(cfg.runtime)
+    print(f"Ray {info.mode} at {info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs; outputs in {cfg.out}")
     outcomes: list[tuple[str, executor.Outcome | None]] = []
     for name, stage, stage_cfg in steps:
         if cfg.only and name not in cfg.only:

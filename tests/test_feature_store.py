@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,16 @@ def _ids(path) -> list[str]:
     return pl.read_parquet(Path(path) / "examples.parquet")["id"].to_list()
 
 
+@pytest.fixture(scope="module")
+def grads_reference(tweets_ingest, tmp_path_factory) -> Path:
+    """One uninterrupted gradient store of the 600 tweets, the reference several tests compare
+    with or start from (each featurization of it costs seconds of model work). Tests copy it
+    before they change anything."""
+    out = tmp_path_factory.mktemp("grads") / "ref"
+    featurize_grads(GradsConfig(data=tweets_ingest, out=out, **GRADS))
+    return out
+
+
 def _same(a: FeatureStore, b: FeatureStore) -> None:
     assert a.rows().equals(b.rows())
     assert np.array_equal(np.asarray(a.vectors()), np.asarray(b.vectors()))
@@ -49,8 +60,8 @@ def test_embeddings_cover_every_row_and_reruns_reuse(tweets_ingest, tmp_path):
     _same(store, again)
 
 
-def test_a_store_is_never_reused_for_another_request(tweets_ingest, tmp_path):
-    featurize_grads(GradsConfig(data=tweets_ingest, out=tmp_path / "g", **GRADS))
+def test_a_store_is_never_reused_for_another_request(tweets_ingest, grads_reference, tmp_path):
+    shutil.copytree(grads_reference, tmp_path / "g")
     with pytest.raises(SiftError, match=r"holds a feature store for a different request \(.*dim: stored 64, requested 32"):
         featurize_grads(GradsConfig(data=tweets_ingest, out=tmp_path / "g", **{**GRADS, "dim": 32}))
     with pytest.raises(SiftError, match=r"model: stored 'tiny-llama-v1-2048@\w+', requested 'smollm2-135m-instruct-v1@"):
@@ -63,8 +74,8 @@ def test_a_store_is_never_reused_for_another_request(tweets_ingest, tmp_path):
         FeatureStore(tmp_path)
 
 
-def test_killed_actor_still_gives_every_id_exactly_once(tweets_ingest, tmp_path):
-    reference, _ = featurize_grads(GradsConfig(data=tweets_ingest, out=tmp_path / "ref", **GRADS))
+def test_killed_actor_still_gives_every_id_exactly_once(tweets_ingest, grads_reference, tmp_path):
+    reference = FeatureStore(grads_reference)
     killed: list[int] = []
 
     def workers() -> set[int]:
@@ -98,8 +109,8 @@ def test_killed_actor_still_gives_every_id_exactly_once(tweets_ingest, tmp_path)
     _same(store, reference)
 
 
-def test_interrupted_driver_resumes_to_the_same_store(tweets_ingest, tmp_path):
-    reference, _ = featurize_grads(GradsConfig(data=tweets_ingest, out=tmp_path / "ref", **GRADS))
+def test_interrupted_driver_resumes_to_the_same_store(tweets_ingest, grads_reference, tmp_path):
+    reference = FeatureStore(grads_reference)
     out = tmp_path / "resumed"
     cmd = [str(Path(sys.executable).parent / "sift"), "featurize", "grads", "--data", str(tweets_ingest),
            "--out", str(out), "--model", "tiny-llama", "--dim", "64", "--batch-size", "16",
@@ -114,12 +125,15 @@ def test_interrupted_driver_resumes_to_the_same_store(tweets_ingest, tmp_path):
     done_before = len(list((out / "shards").glob("?????.parquet")))
     assert 1 <= done_before < 6, "the driver was not interrupted mid-run"
     store, stats = featurize_grads(GradsConfig(data=tweets_ingest, out=out, **GRADS))
-    assert stats.shards_done_before == done_before
+    # An actor of the interrupted run may still finish the shard it was writing as its Ray exits.
+    assert done_before <= stats.shards_done_before < 6
+    n = len(_ids(tweets_ingest))  # 6 shards of 100 rows, the last one shorter
+    assert n - 100 * stats.shards_done_before <= stats.rows <= n - (n - 500) * stats.shards_done_before  # only missing ones
     _same(store, reference)
 
 
-def test_incomplete_store_is_an_error(tweets_ingest, tmp_path):
-    store, _ = featurize_grads(GradsConfig(data=tweets_ingest, out=tmp_path / "g", **GRADS))
+def test_incomplete_store_is_an_error(grads_reference, tmp_path):
+    shutil.copytree(grads_reference, tmp_path / "g")
     (tmp_path / "g" / "shards" / "00002.parquet").unlink()
     with pytest.raises(SiftError, match=r"incomplete \(1 of 6 shards missing\); rerun"):
         FeatureStore(tmp_path / "g").vectors()

@@ -32,7 +32,7 @@ SMALL = {
 NAMES = [step["stage"] for step in SMALL["steps"]]
 
 
-@pytest.mark.timeout(1200)  # every stage twice (run + rerun), through S3: minutes on 2 cores
+@pytest.mark.timeout(900)  # every stage through S3, then a rerun that skips them: minutes on 2 cores
 def test_pipeline_end_to_end_on_s3_and_rerun(tmp_path, s3_dir, ray_session, capsys):
     """Every input and every output on a real S3 endpoint: the corpora are uploaded first, each
     step writes under s3://, reads the steps before it from there, and a rerun skips on the
@@ -61,11 +61,13 @@ def test_pipeline_end_to_end_on_s3_and_rerun(tmp_path, s3_dir, ray_session, caps
     assert "Adapter ensemble on test rows" in first
     assert storage.read_text(f"{out}/report.html").count("data:image/png;base64") == 3  # pool, tasks, groups
 
-    assert main(["run", str(config), "--set", "train.epochs=2"]) == 0
+    # Downstream reruns after a changed setting are test_executor's; here: every marker on S3 is
+    # found and trusted, and only the step whose setting changed runs again.
+    assert main(["run", str(config), "--set", "evaluate.split=validation"]) == 0
     second = capsys.readouterr().out
-    for name in NAMES[:NAMES.index("train")]:
+    for name in NAMES:
         assert f"[{name}] skipped (done)" in second
-    assert "[train] ran:" in second and "[serve] ran:" in second
+    assert "[evaluate] ran: validation accuracy" in second
 
 
 def test_shipped_pipeline_file_is_the_demo_and_validates():

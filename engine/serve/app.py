@@ -393,12 +393,13 @@ def preflight(cfg: ServeConfig) -> Plan:
     return Plan(served, resumed, digest)
 
 
-def serve(cfg: ServeConfig, block: bool = True) -> str:
+def serve(cfg: ServeConfig, block: bool = True, announce: bool = True) -> str:
     """Start (or join) Ray, run the ensemble on Ray Serve at cfg.host:cfg.port; block until
-    interrupted unless `block` is False. Returns the base URL."""
+    interrupted unless `block` is False. Returns the base URL. `announce` prints the one JSON
+    line that scripts (and engine.serve.client) read the URL from."""
     import ray
 
-    from engine import runtime
+    from engine import logs, runtime
     from engine.ensemble import manifest as manifest_mod
 
     cfg = ServeConfig.model_validate(cfg.model_dump(include=set(ServeConfig.model_fields)))  # not a subclass's
@@ -406,6 +407,7 @@ def serve(cfg: ServeConfig, block: bool = True) -> str:
     runtime.start(cfg.runtime)
     from ray import serve as ray_serve
 
+    logs.redirect()  # importing Ray Serve gave its logger a terminal handler again
     ray_serve.start(http_options={"host": cfg.host, "port": cfg.port})
     started = time.perf_counter()
     app = swap.application(cfg.model_dump_json(), plan.token_sha256, plan.served,
@@ -415,11 +417,12 @@ def serve(cfg: ServeConfig, block: bool = True) -> str:
     except Exception as exc:  # a replica that failed to start: say why in one line
         raise SiftError(f"the {cfg.backend} backend did not start: {_root_cause(exc)}") from None
     url = f"http://{cfg.host}:{cfg.port}"
-    loaded = manifest_mod.load(plan.served.manifest)
-    print(json.dumps({"serving": url, "backend": cfg.backend, "manifest": str(loaded.folder),
-                      "resumed_swap": plan.resumed, "swap": cfg.allow_swap,
-                      "adapters": [a.name for a in loaded.adapters], "tasks": list(loaded.tasks),
-                      "startup_s": round(time.perf_counter() - started, 1)}), flush=True)
+    if announce:
+        loaded = manifest_mod.load(plan.served.manifest)
+        print(json.dumps({"serving": url, "backend": cfg.backend, "manifest": str(loaded.folder),
+                          "resumed_swap": plan.resumed, "swap": cfg.allow_swap,
+                          "adapters": [a.name for a in loaded.adapters], "tasks": list(loaded.tasks),
+                          "startup_s": round(time.perf_counter() - started, 1)}), flush=True)
     if block:
         try:
             while True:

@@ -59,7 +59,7 @@ def _check(cfg: ServeStageConfig) -> ServeResult:
     loaded = manifest_io.load(cfg.manifest)
     rows, split = read_split(cfg.check_data, list(loaded.tasks), None)
     rows = rows.sample(min(cfg.check_queries, rows.height), seed=cfg.seed)
-    url = serve(cfg.model_copy(update={"port": free_port()}), block=False)
+    url = serve(cfg.model_copy(update={"port": free_port()}), block=False, announce=False)
     answers, latencies = [], []
     try:
         for row in rows.iter_rows(named=True):
