@@ -31,6 +31,9 @@ ENV_DEFAULTS = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # a weights-loading bar per model load, in every worker
+    # Tune's newer console output prints an experiment box and "View detailed results" lines
+    # even at verbose=0; the classic reporter is silent there (sift prints its own summary).
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 # Ray Data draws progress bars on a terminal; elsewhere (CI, logs) its per-second progress lines
 # drown the output, so keep only its warnings there.
