@@ -173,6 +173,46 @@ def test_labels_loss_is_cross_entropy_over_the_tasks_labels():
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(ours, theirs))
 
 
+def test_scoring_shares_the_layers_below_the_adapters(tmp_path):
+    """With LoRA on the top layer only, the ensemble runs the layer below once per batch for
+    every model and gives the same label log-probabilities as whole forward passes, for each
+    adapter and the bare base; an adapter on every layer leaves nothing to share."""
+    import torch
+
+    from engine.config import LoraSpec
+    from engine.ensemble.model import EnsembleModel
+    from engine.models import builtin, load, lora
+
+    def adapter(folder, seed, layers):
+        model = lora.add_lora(load.load_causal_lm(builtin.resolve("tiny-llama")), LoraSpec(r=4, seed=seed, layers=layers))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        model.save_pretrained(str(folder))
+
+    for k in range(2):
+        adapter(tmp_path / f"a{k}", seed=k, layers=[1])
+    entries = [manifest.AdapterEntry(name=f"a{k}", path=f"a{k}", tasks=["t"], rank=4) for k in range(2)]
+    start = manifest.Manifest(base_model="tiny-llama", max_lora_rank=4, adapters=entries, tasks={
+        "t": manifest.TaskEntry(labels=["animal", "plant"], weights={"a0": 0.5, "a1": 0.5})})
+    ensemble = EnsembleModel.load(manifest.load(manifest.write(start, tmp_path)))
+    assert ensemble.shared_from == 1
+    texts = ["a small furry animal", "a tall tree with needles", "x", "an animal that lives in the sea and eats fish"]
+    shared = ensemble.label_logprobs("t", texts, adapters=["a0", "a1", None], batch=3)
+    ensemble.shared_from = None
+    whole = ensemble.label_logprobs("t", texts, adapters=["a0", "a1", None], batch=3)
+    for name in whole:
+        assert torch.allclose(shared[name], whole[name], atol=1e-5), name
+    assert not torch.allclose(whole["a0"], whole["a1"], atol=1e-3)  # the adapters differ: a mix-up would show
+
+    adapter(tmp_path / "every", seed=5, layers=None)
+    every = manifest.AdapterEntry(name="every", path="every", tasks=["t"], rank=4)
+    ensemble.update(manifest.load(manifest.write(start.model_copy(update={"adapters": [*entries, every]}), tmp_path)))
+    assert ensemble.shared_from is None
+
+
 def test_residual_w_is_the_ridge_solution():
     import torch
 
@@ -227,28 +267,30 @@ def test_a_boosting_round_lowers_the_training_residual(suite_grads, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False,  # not run: five minutes of the suite for a known failure; run it with --runxfail
-                   reason="open (issue 14, defect 6): with plain CE at lr 5e-3, 12 steps, the animal-plant adapter's "
-                          "test NLL over the labels was 0.76 against the base model's 0.43: the answer loss first "
-                          "raises every label token (format), and the few steps leave the labels less separated")
 def test_each_adapter_beats_the_others_on_its_own_tasks(tmp_path, ray_session):
-    """Real training (SmolLM2-135M, LoRA on its top 2 layers, 36 rows per task): each group's
-    adapter has a lower test NLL on its own task than the other adapter and the base model, and
-    the EM weights give each task to its own adapter."""
+    """Real training (SmolLM2-135M, LoRA on its top 2 layers, 36 training rows per task, 16 steps
+    of the group adapters' `labels` objective): on the held-out test rows, each group's adapter
+    has a lower label NLL on its own task than the other group's adapter and than the base model,
+    and at least the base's accuracy; the EM weights give each task mostly to its own adapter.
+    (With plain cross-entropy on the answer tokens, the objective before issue 14 defect 6, the
+    same steps raised every label token together -- the answer format -- and left the adapters'
+    label NLL above the base model's.)"""
     tasks = ["wordnet-animal-plant", "fortunes-law-politics"]
     assert main(["suite", "--out", str(tmp_path / "suite"), "--per-task", "60", "--set", f"tasks=[{', '.join(tasks)}]",
                  "--set", "test=0.2"]) == 0
     assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
                  "--model", "smollm2-135m", "--dim", "16", "--max-length", "48", "--set", "lora.layers=[28, 29]"]) == 0
     report = train_ensemble(EnsembleTrainConfig(partition=[[t] for t in tasks], data=tmp_path / "suite",
-                                                grads=tmp_path / "grads", out=tmp_path / "ens", epochs=3,
-                                                lr=5e-3, batch_size=8))
+                                                grads=tmp_path / "grads", out=tmp_path / "ens", epochs=2,
+                                                steps_per_epoch=8, lr=3e-3, batch_size=8))
+    assert report["config"]["objective"] == "labels"
     for k, task in enumerate(tasks):
         own, other = f"group-{k}", f"group-{1 - k}"
         scores = report["test"]["tasks"][task]
+        assert scores["adapters"][own]["rows"] == 12
         assert scores["adapters"][own]["nll"] < min(scores["adapters"][other]["nll"], scores["base"]["nll"]), scores
+        assert scores["adapters"][own]["accuracy"] >= scores["base"]["accuracy"], scores
         assert report["weights"][task].get(own, 0.0) > 0.5, report["weights"]
-        assert report["training"][own]["val_accuracy"] >= 0.75, report["training"]
 
 
 def test_paired_bootstrap_intervals():

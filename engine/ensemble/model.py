@@ -21,6 +21,9 @@ class EnsembleModel:
     manifest: LoadedManifest
     tokenizer: object
     model: object  # peft.PeftModel with every adapter loaded under its manifest name
+    # The first decoder layer any adapter changes, when scoring may share the layers below it
+    # between models (labels.Shared); None: every model runs the whole decoder.
+    shared_from: int | None = None
 
     @classmethod
     def load(cls, manifest: LoadedManifest, trust_remote_code: bool = False) -> "EnsembleModel":
@@ -53,6 +56,21 @@ class EnsembleModel:
             self.model.delete_adapter(name)
         self.model.eval()
         self.manifest = manifest
+        self.shared_from = self._shared_from()
+
+    def _shared_from(self) -> int | None:
+        """labels.first_adapted_layer, kept only where running the decoder from that layer gives
+        this model's own next-token log-probabilities (checked on a probe prompt), so an
+        architecture whose forward does more than run its layers is scored whole."""
+        layer = labels.first_adapted_layer(self.model)
+        if not layer:
+            return None
+        probe = [self.tokenizer("Is this the same number either way?\nAnswer:")["input_ids"]]
+        tokens = list(range(min(512, self.tokenizer.vocab_size)))
+        pad = self.tokenizer.pad_token_id
+        whole = labels.next_token_logprobs(self.model, probe, tokens, pad)
+        split = labels.next_token_logprobs(self.model, probe, tokens, pad, labels.shared_prefix(self.model, probe, pad, layer))
+        return layer if torch.allclose(whole, split, atol=1e-4, rtol=1e-4) else None
 
     def label_logprobs(self, task: str, texts: list[str], adapters: list[str | None] | None = None,
                        batch: int = 32) -> dict[str | None, torch.Tensor]:
@@ -70,15 +88,17 @@ class EnsembleModel:
     def logprobs(self, prompts: list[list[int]], token_ids: list[int], models: list[str | None],
                  batch: int = 32) -> dict[str | None, torch.Tensor]:
         """Per model (an adapter name, or None for the bare base), (B, L) next-token
-        log-probabilities of `token_ids` after each prompt."""
-        out = {}
-        for name in models:
-            with labels.active(self.model, name):
-                out[name] = torch.cat([
-                    labels.next_token_logprobs(self.model, prompts[i:i + batch], token_ids,
-                                               self.tokenizer.pad_token_id)
-                    for i in range(0, len(prompts), batch)])
-        return out
+        log-probabilities of `token_ids` after each prompt. Per batch, the layers below the
+        first adapted one run once for every model (`shared_from`)."""
+        pad = self.tokenizer.pad_token_id
+        out: dict[str | None, list[torch.Tensor]] = {name: [] for name in models}
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            shared = None if self.shared_from is None else labels.shared_prefix(self.model, chunk, pad, self.shared_from)
+            for name in models:
+                with labels.active(self.model, name):
+                    out[name].append(labels.next_token_logprobs(self.model, chunk, token_ids, pad, shared))
+        return {name: torch.cat(parts) for name, parts in out.items()}
 
     def classify(self, task: str, texts: list[str]) -> tuple[torch.Tensor, dict[str | None, torch.Tensor]]:
         """The ensemble's class probabilities (B, L) and each model's label log-probabilities."""
