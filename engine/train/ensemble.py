@@ -3,7 +3,11 @@
 One LoRA (QLoRA with --qlora: the same code on a 4-bit base) per group, each a `train-lora` run
 with Ray Train, as many groups at once as the cluster's CPUs allow for their workers. Every
 adapter starts from the gradient store's anchor LoRA (same spec and seed), so a boosting adapter
-theta_init + P w lives in the same space. Then, per task, mixture weights over the group
+theta_init + P w lives in the same space. By default the adapters minimise the cross-entropy of
+the gold label among each task's labels (`objective: labels`, engine/features/objective.py): the
+class probability the ensemble is scored by; plain CE on the answer tokens spent the demo's few
+CPU steps on the answer format and left adapters worse than the base model (issue 14, defect
+6). Then, per task, mixture weights over the group
 adapters are fitted on the validation rows; optional boosting rounds (engine/ensemble/boost.py)
 add residual adapters in label-logit space, each kept only if it lowers both the training
 residual and the validation NLL. Outputs: adapters/<name>/ (PEFT safetensors), ensemble.json,
