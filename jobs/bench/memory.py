@@ -9,6 +9,9 @@ Each measurement is a fresh child process (`--child`) with its own embedded Ray,
 `engine` from the checkout given in --roots (so an older commit, e.g. `git worktree add
 /tmp/old HEAD~3`, runs on the same data); its peak RSS is the child's own `ru_maxrss`: the driver
 only, not Ray's workers (they hold blocks for as long as a task runs, whatever the data size).
+RSS also counts the pages of Ray's shared-memory object store the driver has read blocks from
+(bounded by the store's size, not the driver's to free), so the peaks of RssAnon (the driver's
+own heap), RssShmem and RssFile are reported beside it, and both ratios.
 The data is written once per size into --data (a temporary folder by default, deleted after):
 4M x 384 float32 is 6 GB; check `df -h` first.
 """
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,12 +83,53 @@ def prepare(data: Path, rows: int) -> dict[str, Path]:
     return paths
 
 
+class StatusPeaks:
+    """Peaks of this process's resident memory by kind, sampled from /proc/self/status: RssAnon
+    (its own heap: what grows if the driver holds rows), RssShmem (pages of Ray's shared-memory
+    object store it has touched while reading blocks: bounded by the store's size, shared with
+    the workers) and RssFile (mapped files: memory-mapped shards, libraries)."""
+
+    FIELDS = ("RssAnon", "RssShmem", "RssFile")
+
+    def __init__(self, every_s: float = 0.05):
+        self.peaks = dict.fromkeys(self.FIELDS, 0)
+        self.every_s, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name in self.peaks:
+                        self.peaks[name] = max(self.peaks[name], int(value.split()[0]) * 1024)
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "StatusPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def child(kind: str, source: str, target: str, out: str) -> None:
     """One measured run in this process: prints wall seconds and this process's peak RSS."""
     from engine import runtime
-    from engine.config import IngestConfig, RuntimeConfig, SelectPoolConfig
+    from engine.config import RuntimeConfig
 
     runtime.start(RuntimeConfig(num_cpus=2))
+    with StatusPeaks() as peaks:
+        result, wall = _measured(kind, source, target, out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    kinds = {f"peak_{name[3:].lower()}_mb": round(value / 2**20) for name, value in peaks.peaks.items()}
+    print("RESULT " + json.dumps({**result, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20), **kinds}))
+
+
+def _measured(kind: str, source: str, target: str, out: str) -> tuple[dict, float]:
+    from engine.config import IngestConfig, SelectPoolConfig
+
     started = time.perf_counter()
     if kind == "select":
         from engine.select.pool.select import select_pool
@@ -97,9 +142,7 @@ def child(kind: str, source: str, target: str, out: str) -> None:
 
         summary = ingest(IngestConfig(inputs=[source], out=out))
         result = {"rows_in": summary.rows_in, "rows_out": summary.rows_out, "reasons": summary.reasons}
-    wall = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print("RESULT " + json.dumps({**result, "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 2**20)}))
+    return result, time.perf_counter() - started
 
 
 def measure(root: Path, kind: str, paths: dict[str, Path], out: Path) -> dict:
@@ -144,6 +187,7 @@ def main() -> None:
     small, large = sizes[0], sizes[-1]
     for runs in result["runs"].values():
         runs["rss_ratio"] = round(runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"], 2)
+        runs["anon_ratio"] = round(runs[large]["peak_anon_mb"] / runs[small]["peak_anon_mb"], 2)
         runs["wall_ratio"] = round(runs[large]["wall_s"] / runs[small]["wall_s"], 2)
     print(json.dumps(result, indent=2))
 

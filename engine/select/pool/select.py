@@ -113,7 +113,9 @@ class Ranking:
 def rank_of(scores: np.ndarray) -> np.ndarray:
     """Rank per candidate, 1 = best: by score, ties in pool order (a stable sort of -scores, the
     same order as np.lexsort((arange, -scores)) without its N-row index)."""
-    order = np.argsort(-scores, kind="stable")
+    np.negative(scores, out=scores)  # in place and back (exact): no second N-row array of scores
+    order = np.argsort(scores, kind="stable")
+    np.negative(scores, out=scores)
     rank = np.empty(len(scores), dtype=np.int64)
     for start in range(0, len(order), MERGE_ROWS):  # rank[order] = 1..N, without an N-row arange
         chunk = order[start:start + MERGE_ROWS]
@@ -244,11 +246,9 @@ def _plot(scores: np.ndarray, selected: np.ndarray, report: dict, path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    finite = np.isfinite(scores)  # -inf: dropped by the domain test
-    scores, selected = scores[finite], selected[finite]
-    bins = np.histogram_bin_edges(scores, bins=60)
-    left.hist(scores[~selected], bins=bins, color="#bbbbbb", label="not selected")
-    left.hist(scores[selected], bins=bins, color="#d62728", label="selected")
+    bins, counts = _histograms(scores, selected, 60)
+    left.stairs(counts[0], bins, fill=True, color="#bbbbbb", label="not selected")
+    left.stairs(counts[1], bins, fill=True, color="#d62728", label="selected")
     left.set_title(f"{report['method']} scores (higher = chosen first)")
     left.set_xlabel("score")
     left.legend()
@@ -265,6 +265,25 @@ def _plot(scores: np.ndarray, selected: np.ndarray, report: dict, path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _histograms(scores: np.ndarray, selected: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges over the finite scores (-inf: dropped by the domain test) and the counts of the
+    not-selected and selected candidates per bin, a slice at a time (no copies of the scores)."""
+    lo, hi = np.inf, -np.inf
+    for start in range(0, len(scores), MERGE_ROWS):
+        part = scores[start:start + MERGE_ROWS]
+        part = part[np.isfinite(part)]
+        if len(part):
+            lo, hi = min(lo, part.min()), max(hi, part.max())
+    edges = np.histogram_bin_edges([], bins=bins, range=(lo, hi) if lo <= hi else None)
+    counts = np.zeros((2, bins), dtype=np.int64)
+    for start in range(0, len(scores), MERGE_ROWS):
+        part, chosen = scores[start:start + MERGE_ROWS], selected[start:start + MERGE_ROWS]
+        finite = np.isfinite(part)
+        counts[0] += np.histogram(part[finite & ~chosen], bins=edges)[0]
+        counts[1] += np.histogram(part[finite & chosen], bins=edges)[0]
+    return edges, counts
 
 
 def show(report: dict, out: Path) -> None:
