@@ -85,9 +85,11 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     runtime.start(cfg.runtime)
-    staged = _receive(sources, cfg, staging)
-    summary = _write_outputs(staged, _duplicates(staged, staging), out, sources)
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staged = _receive(sources, cfg, staging)
+        summary = _write_outputs(staged, _duplicates(staged, staging), out, sources)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if summary.rows_out == 0:
         raise SiftError(f"no valid rows: all {summary.rows_in} rows were quarantined "
                         f"(see {Path(summary.out) / QUARANTINE})")
