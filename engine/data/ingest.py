@@ -46,6 +46,9 @@ STAGING = "_staging"
 URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 BUCKET_ROWS = 1 << 19  # ids per duplicate-check bucket: the largest table the driver holds
 PASS_ROWS = 1 << 16  # rows per batch of the passes over the staged rows
+# Blocks waiting in the object store for the driver (later files wait for earlier ones): the
+# driver maps every object-store page it reads from, so this also bounds its shared memory.
+IN_FLIGHT_BYTES = 256 << 20
 ID_SCHEMA = pa.schema([("id", pa.string()), ("order", pa.int64())])
 
 
@@ -108,7 +111,9 @@ def _receive(sources: list[readers.Source], cfg: IngestConfig, staging: Path) ->
     passed, last = 0, -1
     path = staging / "raw.parquet"
     options = ds.context.execution_options
-    preserved, options.preserve_order = options.preserve_order, True  # blocks in input order: no sort
+    preserved, limits = options.preserve_order, options.resource_limits
+    options.preserve_order = True  # blocks in input order: no sort
+    options.resource_limits = limits.copy(object_store_memory=IN_FLIGHT_BYTES)
     try:
         with pq.ParquetWriter(path, RAW_SCHEMA) as writer:
             for table in _blocks(ds):
@@ -132,7 +137,7 @@ def _receive(sources: list[readers.Source], cfg: IngestConfig, staging: Path) ->
                 arrived.update(dict(zip(files.tolist(), counts.tolist())))
                 passed += table["reason"].null_count
     finally:
-        options.preserve_order = preserved
+        options.preserve_order, options.resource_limits = preserved, limits
     for source in sources:
         read, got = tallies.get(source.index), arrived.get(source.index, 0)
         if read is None:
