@@ -26,7 +26,7 @@ from engine.errors import SiftError
 from engine.report import table
 from engine.ensemble import grouping
 from engine.select.tasks import subsets
-from engine.select.tasks.tune import experiment_name, restorable_tuner
+from engine.select.tasks.tune import FailedTrial, experiment_name, finished, restorable_tuner
 
 EXPERIMENT = "group-search"
 
@@ -80,12 +80,12 @@ def group_tasks(cfg: GroupConfig) -> dict:
     for k in range(cfg.restarts):
         starts[f"random-{k}"] = (rng.permutation(n) % m).tolist()
 
-    candidates = _search(cfg, data, aff, starts, out)
+    candidates, failed = _search(cfg, data, aff, starts, out)
     best = min(candidates, key=lambda c: (c.objective, c.steps, c.start))  # ties: the start already there
     report = {
         "tasks": data.tasks, "m": m, "densities": densities, "groups": best.groups, "chosen": best.start,
         "affinity": best.affinity, "objective": best.objective,
-        "candidates": [asdict(c) for c in candidates], "data": str(Path(cfg.data).resolve()), "grads": str(Path(cfg.grads).resolve()),
+        "candidates": [asdict(c) for c in candidates], "failed_starts": [asdict(f) for f in failed], "data": str(Path(cfg.data).resolve()), "grads": str(Path(cfg.grads).resolve()),
         "estimator": {"affinity_fits": cfg.subsets + n, "search_fits": sum(c.fits for c in candidates),
                       "rows": int(data.G.shape[0]), "dim": int(data.G.shape[1])},
         "seconds": round(time.perf_counter() - started, 3), "config": cfg.model_dump(mode="json"),
@@ -98,22 +98,24 @@ def group_tasks(cfg: GroupConfig) -> dict:
 
 
 def _search(cfg: GroupConfig, data: subsets.TaskGradients, aff: grouping.Affinity, starts: dict[str, list[int]],
-            out: Path) -> list[Candidate]:
+            out: Path) -> tuple[list[Candidate], list[FailedTrial]]:
+    """Every start's local search as a Ray Tune trial (retried up to `runtime.max_failures` times
+    after a lost worker or node): the candidates found, and the starts whose search still failed
+    (reported, not candidates)."""
     from ray import tune
 
     info = runtime.start(cfg.runtime)
     trainable = tune.with_resources(
         tune.with_parameters(_refine, data=data, starts=starts, lam=cfg.lam, rounds=cfg.rounds), {"cpu": 1})
     name = experiment_name(EXPERIMENT, starts, cfg.lam, cfg.rounds, data)
-    tuner = restorable_tuner(trainable, name, out / "tune", param_space={"start": tune.grid_search(list(starts))},
+    tuner = restorable_tuner(trainable, name, runtime.run_storage(cfg.runtime, out, "tune"), cfg.runtime.max_failures,
+                             param_space={"start": tune.grid_search(list(starts))},
                              tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(info.cpus))))
-    grid = tuner.fit()
-    if grid.errors:
-        raise SiftError(f"a local search failed: {str(grid.errors[0]).strip().splitlines()[-1][:300]}")
+    done, failed = finished(tuner.fit(), "local search")
     candidates = []
     # Each trial's last result as Tune holds it, not grid.get_dataframe(): that reads the trials'
     # result.json / progress.csv, which are not written when TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set.
-    for result in grid:
+    for result in done:
         row, start = result.metrics, result.config["start"]
         if not row or "labels" not in row:
             raise SiftError(f"the local search from start {start} left no result under {out / 'tune'}; "
@@ -126,7 +128,7 @@ def _search(cfg: GroupConfig, data: subsets.TaskGradients, aff: grouping.Affinit
             objective=float(row["objective"]), steps=int(row["steps"]), fits=int(row["fits"]), labels=labels,
             groups=[[t for t, g in zip(data.tasks, labels) if g == k] for k in range(max(labels) + 1)],
             per_task={t: {"loss": loss[i], "accuracy": accuracy[i]} for i, t in enumerate(data.tasks)}))
-    return sorted(candidates, key=lambda c: c.start)
+    return sorted(candidates, key=lambda c: c.start), failed
 
 
 def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:

@@ -12,10 +12,12 @@ class EstimateResult(Result):
     fine_tunes: int
     spearman: float | None
     mean_squared_relative_error: float
+    failed_fine_tunes: int = 0  # failed after their retries; left out of every figure
 
     def line(self) -> str:
         rho = "n/a" if self.spearman is None else f"{self.spearman:.2f}"
-        return (f"{self.fine_tunes} real fine-tunes: Spearman {rho}, "
+        failed = f" ({self.failed_fine_tunes} failed, left out)" if self.failed_fine_tunes else ""
+        return (f"{self.fine_tunes} real fine-tunes{failed}: Spearman {rho}, "
                 f"mean squared relative error {self.mean_squared_relative_error:.4f}")
 
 
@@ -24,7 +26,8 @@ def run(cfg: CalibrateConfig) -> EstimateResult:
 
     report = calibrate(cfg)
     return EstimateResult(out=str(cfg.out), fine_tunes=len(report["real_loss"]), spearman=report["spearman"],
-                          mean_squared_relative_error=report["mean_squared_relative_error"])
+                          mean_squared_relative_error=report["mean_squared_relative_error"],
+                          failed_fine_tunes=len(report["failed_fine_tunes"]))
 
 
 def show(result: EstimateResult) -> None:

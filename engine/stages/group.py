@@ -10,16 +10,19 @@ class GroupResult(Result):
     out: str
     groups: list[list[str]]
     chosen: str  # the start (sdp, spectral, random-k) whose refined partition won
+    failed_starts: int = 0  # local searches that failed after their retries (left out; groups.json)
 
     def line(self) -> str:
-        return " | ".join(", ".join(g) for g in self.groups)
+        failed = f" ({self.failed_starts} local search(es) failed, left out)" if self.failed_starts else ""
+        return " | ".join(", ".join(g) for g in self.groups) + failed
 
 
 def run(cfg: GroupConfig) -> GroupResult:
     from engine.ensemble.group import group_tasks
 
     report = group_tasks(cfg)
-    return GroupResult(out=str(cfg.out), groups=report["groups"], chosen=report["chosen"])
+    return GroupResult(out=str(cfg.out), groups=report["groups"], chosen=report["chosen"],
+                       failed_starts=len(report["failed_starts"]))
 
 
 def show(result: GroupResult) -> None:

@@ -10,16 +10,19 @@ class SelectTasksResult(Result):
     out: str
     target: list[str]
     selected: list[str]
+    failed_trials: int = 0  # --search tune: trials that failed after their retries (left out; report.json)
 
     def line(self) -> str:
-        return f"for {', '.join(self.target)}: {', '.join(self.selected) or 'no other task'}"
+        failed = f" ({self.failed_trials} Tune trial(s) failed, left out)" if self.failed_trials else ""
+        return f"for {', '.join(self.target)}: {', '.join(self.selected) or 'no other task'}{failed}"
 
 
 def run(cfg: SelectTasksConfig) -> SelectTasksResult:
     from engine.select.tasks.select import select_tasks
 
     report = select_tasks(cfg)
-    return SelectTasksResult(out=str(cfg.out), target=cfg.target, selected=report["selected"])
+    return SelectTasksResult(out=str(cfg.out), target=cfg.target, selected=report["selected"],
+                             failed_trials=len(report["failed_trials"]))
 
 
 def show(result: SelectTasksResult) -> None:

@@ -12,9 +12,13 @@ class TrainResult(Result):
     split: str  # test when the data has a test split, else validation
     accuracy: float
     macro_f1: float
+    failed_groups: dict[str, str] = {}  # group -> why its training failed (its tasks use the other adapters)
 
     def line(self) -> str:
-        return f"{self.adapters} adapters; {self.split} accuracy {self.accuracy:.3f}, macro-F1 {self.macro_f1:.3f}"
+        line = f"{self.adapters} adapters; {self.split} accuracy {self.accuracy:.3f}, macro-F1 {self.macro_f1:.3f}"
+        for name, error in self.failed_groups.items():
+            line += f"; {name} FAILED ({error}), its tasks served by the other adapters (--force retries it)"
+        return line
 
 
 def run(cfg: EnsembleTrainConfig) -> TrainResult:
@@ -24,7 +28,8 @@ def run(cfg: EnsembleTrainConfig) -> TrainResult:
     split = "test" if "test" in report else "validation"
     average = report[split]["average"]
     return TrainResult(out=str(cfg.out), adapters=len(report["groups"]), split=split, accuracy=average["accuracy"],
-                       macro_f1=average["macro_f1"])
+                       macro_f1=average["macro_f1"],
+                       failed_groups={n: f["error"] for n, f in report["failed_groups"].items()})
 
 
 def show(result: TrainResult) -> None:

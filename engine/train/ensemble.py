@@ -99,13 +99,17 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
     out = Path(cfg.out).resolve()
     info = runtime.start(cfg.runtime)
 
-    names = [f"group-{k}" for k in range(len(partition))]
-    trained = _train_groups(cfg, anchor_cfg, data, partition, names, out, int(info.cpus))
+    all_names = [f"group-{k}" for k in range(len(partition))]
+    trained, failed = _train_groups(cfg, anchor_cfg, data, partition, all_names, out, int(info.cpus))
     labels = {t: sorted(frame.filter(pl.col("task") == t)["label"].drop_nulls().unique().to_list())
               for g in partition for t in g}
+    # A group whose training failed (after its retries) has no adapter; its tasks stay in the
+    # ensemble, served by the other groups' adapters with weights fitted like every task's.
+    names = [n for n in all_names if n in trained]
+    groups = {n: g for n, g in zip(all_names, partition)}
     rank = _rank(out / "adapters" / names[0])
-    entries = [manifest_io.AdapterEntry(name=n, path=f"adapters/{n}", kind="group", tasks=g, rank=rank)
-               for n, g in zip(names, partition)]
+    entries = [manifest_io.AdapterEntry(name=n, path=f"adapters/{n}", kind="group", tasks=groups[n], rank=rank)
+               for n in names]
     anchor = None
     if cfg.boost and anchor_cfg.adapter is not None:  # boosting adapters are measured against it
         anchor = "anchor"
@@ -113,14 +117,15 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
         shutil.copytree(anchor_cfg.adapter, out / "adapters" / anchor)
         entries.append(manifest_io.AdapterEntry(name=anchor, path=f"adapters/{anchor}", kind="anchor",
                                                 tasks=sorted(labels), rank=_rank(out / "adapters" / anchor)))
-    own = {t: n for n, g in zip(names, partition) for t in g}
+    own = {t: n for n in names for t in groups[n]}
+    initial = {t: {own[t]: 1.0} if t in own else {n: 1.0 / len(names) for n in names} for t in labels}
     manifest = manifest_io.Manifest(
         base_model=anchor_cfg.model, quantize=cfg.quantize, prompt=anchor_cfg.prompt, answer=anchor_cfg.answer,
         max_length=anchor_cfg.max_length, max_lora_rank=max(e.rank for e in entries), adapters=entries,
-        anchor=anchor, tasks={t: manifest_io.TaskEntry(labels=labels[t], weights={own[t]: 1.0}) for t in own})
+        anchor=anchor, tasks={t: manifest_io.TaskEntry(labels=labels[t], weights=w) for t, w in initial.items()})
     manifest_io.write(manifest, out)
 
-    validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(list(own)))
+    validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(list(labels)))
     ensemble = EnsembleModel.load(manifest_io.load(out))
     scores = evaluate.score_rows(ensemble, validation)
     manifest = _fit_weights(manifest, scores)
@@ -130,16 +135,18 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
     manifest = manifest_io.load(manifest_io.write(manifest, out))
     ensemble.update(manifest)
     results = {"validation": evaluate.report(ensemble, scores)}
-    test = frame.filter((pl.col("split") == "test") & pl.col("task").is_in(list(own)))
+    test = frame.filter((pl.col("split") == "test") & pl.col("task").is_in(list(labels)))
     if test.height:
         test_scores = evaluate.score_rows(ensemble, test)
         results["test"] = evaluate.report(ensemble, test_scores)
         evaluate.predictions(ensemble, test, test_scores).write_parquet(out / "predictions-test.parquet")
-    stage_flops = _flops(ensemble, frame, grads, partition, trained, cfg.groups and Path(cfg.groups), boosting)
+    stage_flops = _flops(ensemble, frame, grads, [groups[n] for n in names], [trained[n] for n in names],
+                         cfg.groups and Path(cfg.groups), boosting)
     final = manifest.model_copy(update={
         "metrics": {split: r["average"] for split, r in results.items()}, "flops": stage_flops})
     manifest_io.write(final, out)
-    report = {"groups": dict(zip(names, partition)), "training": {n: t["best"] for n, t in zip(names, trained)},
+    report = {"groups": {n: groups[n] for n in names}, "training": {n: trained[n]["best"] for n in names},
+              "failed_groups": {n: {"tasks": groups[n], "error": e} for n, e in failed.items()},
               "weights": {t: e.weights for t, e in final.tasks.items()}, "boosting": boosting,
               **results, "flops": stage_flops, "seconds": round(time.perf_counter() - started, 3),
               "config": cfg.model_dump(mode="json")}
@@ -148,8 +155,11 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
 
 
 def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path, partition: list[list[str]],
-                  names: list[str], out: Path, cpus: int) -> list[dict]:
-    """Every group's train-lora run, as many at once as there are CPUs for their workers."""
+                  names: list[str], out: Path, cpus: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every group's train-lora run, as many at once as there are CPUs for their workers: the
+    reports of the groups trained, by name, and the error of each group whose training failed
+    (Ray Train retried it `runtime.max_failures` times first). One failed group does not stop
+    the others; all of them failing is an error."""
     configs = [LoraTrainConfig(
         data=data, out=out / "runs" / name, model=anchor_cfg.model, adapter=anchor_cfg.adapter, tasks=group,
         lora=anchor_cfg.lora,
@@ -162,23 +172,26 @@ def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path,
     # The run's driver stays on this node: the adapters it reports are copied from local disk.
     here = _train_group.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False))
-    pending, running, results = list(enumerate(configs)), {}, {}
+    pending, running, results, failed = list(zip(names, configs)), {}, {}, {}
     while pending or running:
         while pending and len(running) < slots:
-            k, config = pending.pop(0)
-            running[here.remote(config)] = k
+            name, config = pending.pop(0)
+            running[here.remote(config)] = name
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
+            name = running.pop(ref)
             try:
-                results[running.pop(ref)] = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, SiftError) else None
-                raise SiftError(str(cause) if cause else f"training a group failed: {str(exc).splitlines()[0]}") from None
-    for name, k in zip(names, range(len(configs))):
+                results[name] = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the task's error, or its node lost
+                cause = getattr(exc, "cause", None)
+                failed[name] = str(cause) if isinstance(cause, SiftError) else str(exc).strip().splitlines()[0][:300]
+    if not results:
+        raise SiftError("training failed for every group: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
+    for name in results:
         target = out / "adapters" / name
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(results[k]["adapter"], target)
-    return [results[k] for k in range(len(configs))]
+        shutil.copytree(results[name]["adapter"], target)
+    return results, failed
 
 
 def _rank(adapter: Path) -> int:

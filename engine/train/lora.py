@@ -166,6 +166,9 @@ def train_loop(config: dict) -> None:
     score = AnswerScore(model)
     choices = _choices(cfg)
     every = _encode(tokenizer, cfg, _rows(cfg, "train"), choices)
+    if not every:
+        raise SiftError(f"no training row of tasks {cfg.tasks or 'all'} can be encoded (no label, or an answer "
+                        f"longer than max_length {cfg.max_length})")
     train = every[rank::world]
     validation_rows = _rows(cfg, "validation")
     validation = _encode(tokenizer, cfg, validation_rows, choices)
@@ -180,7 +183,9 @@ def train_loop(config: dict) -> None:
         model.train()
         losses = objective.train_steps(trained, optimizer, train, steps, cfg.batch_size, pad, rng, cfg.objective)
         model.eval()
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_evaluate(score, validation, labelled, pad, cfg.objective)}
+        # start_epoch: where this attempt began (above 0 after a restart from a checkpoint)
+        metrics = {"epoch": epoch, "start_epoch": start_epoch, "train_loss": float(np.mean(losses)),
+                   **_evaluate(score, validation, labelled, pad, cfg.objective)}
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 model.save_pretrained(str(Path(folder) / ADAPTER))
@@ -195,12 +200,24 @@ def _fingerprint(cfg: LoraTrainConfig) -> str:
                            storage.stamp(examples_path(cfg.data)))
 
 
+def scaling_config(workers: int, gpus_per_worker: float, cpus_now: float):
+    """Ray Train's workers. With GPUs per worker, every worker asks for them whether or not the
+    cluster has any now (an autoscaler starts GPU nodes from zero); on CPUs, at most one worker
+    per CPU present, one CPU each."""
+    from ray.train import ScalingConfig
+
+    if not gpus_per_worker:
+        workers = min(workers, max(1, int(cpus_now)))
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                         resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})})
+
+
 def train_lora(cfg: LoraTrainConfig) -> dict:
     if cfg.data is None or cfg.out is None or cfg.model is None:
         raise SiftError("train-lora needs --data, --model and --out")
     if not _rows(cfg, "train").height:
         raise SiftError(f"no training rows for tasks {cfg.tasks or 'all'} in {cfg.data}")
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     # Ray Train workers do not run in this directory: hand them absolute paths.
@@ -213,16 +230,20 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         previous = json.loads(finished.read_text())
         if previous.get("fingerprint") == _fingerprint(cfg) and previous["config"]["epochs"] == cfg.epochs:
             return previous
-    workers = cfg.workers if cfg.gpus_per_worker else min(cfg.workers, max(1, int(info.cpus)))
-    if cfg.gpus_per_worker and info.gpus < cfg.gpus_per_worker * workers:
-        print(f"train-lora: waiting for {cfg.gpus_per_worker * workers:g} GPUs (the cluster has {info.gpus:g} now)")
+    scaling = scaling_config(cfg.workers, cfg.gpus_per_worker, info.cpus)
+    if cfg.gpus_per_worker and info.gpus < cfg.gpus_per_worker * scaling.num_workers:
+        print(f"train-lora: waiting for {cfg.gpus_per_worker * scaling.num_workers:g} GPUs "
+              f"(the cluster has {info.gpus:g} now)")
+    workers = scaling.num_workers
+    # Checkpoints where every node reads them: a worker group restarted after a lost node (up to
+    # max_failures times) resumes from the last epoch's checkpoint, on whichever node it lands.
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": 1, **({"GPU": cfg.gpus_per_worker}
-                                                                         if cfg.gpus_per_worker else {})}),
-        run_config=RunConfig(name=f"train-lora-{_fingerprint(cfg)}", storage_path=str(out / "ray"),
+        scaling_config=scaling,
+        run_config=RunConfig(name=f"train-lora-{_fingerprint(cfg)}",
+                             **runtime.run_storage(cfg.runtime, out, "ray").run_config_kwargs(),
+                             failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.epochs)),
     )
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from engine.errors import SiftError
 from engine.features import objective
 from engine.models.anchor import Anchor
 from engine.select.tasks import subsets
+from engine.select.tasks.tune import FailedTrial, experiment_name, finished
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Calibration:
     time_ratio: float
     warnings: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    failed_fine_tunes: list[dict] = field(default_factory=list)  # after their retries; left out of every figure
 
 
 def approximation_error(cfg: CalibrateConfig, anchor: Anchor, g: torch.Tensor, f_star: torch.Tensor,
@@ -168,7 +170,12 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
     masks = subsets.fit_masks(data, cfg.target, chosen, candidates)
     train_ids = [[i for i, m in zip(data.ids, row.tolist()) if m] for row in masks]
-    runs, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels, storage.absolute(data_path), out)
+    runs, failed, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels,
+                                            storage.absolute(data_path), out)
+    kept = [i for i, r in enumerate(runs) if r is not None]  # a failed fine-tune has no loss to compare
+    runs, chosen = [runs[i] for i in kept], chosen[kept]
+    est = replace(est, subsets=est.subsets[kept], loss=est.loss[kept], accuracy=est.accuracy[kept],
+                  macro_f1=est.macro_f1[kept])
     real = np.array([r.loss for r in runs])
     anchor_loss = float(torch.nn.functional.softplus(-data.f[evaluation]).mean())
     relative = float(np.mean((real - est.loss) ** 2 / real ** 2))
@@ -177,6 +184,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
     lowering = sum(r.curve_target_loss[-1] < r.curve_target_loss[0] for r in runs)
     warnings = []
+    if failed:
+        warnings.append(f"{len(failed)} of {len(failed) + len(runs)} real fine-tunes failed after "
+                        f"{cfg.runtime.max_failures} retries and are left out: {failed[0].error}")
     if lowering < len(runs):
         warnings.append(f"{len(runs) - lowering} of {len(runs)} real fine-tunes did not lower the target loss: "
                         "try another lr or more steps")
@@ -197,7 +207,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         approximation=approximation, lifted_factors=len(anchor.params),
         estimate_seconds=round(estimate_s, 3), label_rows_seconds=round(label_rows_s, 2),
         real_fine_tune_seconds=round(real_s, 1), time_ratio=round(real_s / max(estimate_s, 1e-9), 1),
-        warnings=warnings, config=cfg.model_dump(mode="json"),
+        warnings=warnings, config=cfg.model_dump(mode="json"), failed_fine_tunes=[asdict(f) for f in failed],
     )
     result = asdict(report)
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
@@ -206,7 +216,11 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
 
 def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids: list[str],
-                     labels: dict[str, list[str]], examples: Path, out: Path) -> tuple[list[FineTune], float]:
+                     labels: dict[str, list[str]], examples: Path, out: Path
+                     ) -> tuple[list[FineTune | None], list[FailedTrial], float]:
+    """Every subset's real fine-tune as a Ray Tune trial, retried up to `runtime.max_failures`
+    times after a lost worker or node: the fine-tunes in subset order (None where one still
+    failed), the failed ones, and the wall time."""
     from ray import tune
 
     info = runtime.start(cfg.runtime)
@@ -219,17 +233,18 @@ def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids:
         tune.with_resources(fine_tune, {"cpu": 1}),
         param_space={**fixed, "trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="calibrate", storage_path=str(out / "tune"), verbose=0),
+        run_config=tune.RunConfig(name=experiment_name("calibrate", fixed, trials), verbose=0,
+                                  **runtime.run_storage(cfg.runtime, out, "tune").run_config_kwargs(),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.runtime.max_failures)),
     )
     started = time.perf_counter()
     results = tuner.fit()
     elapsed = time.perf_counter() - started
+    done, failed = finished(results, "calibration fine-tune")
     runs: list[FineTune | None] = [None] * len(trials)
-    for result in results:
-        if result.error:
-            raise SiftError(f"a calibration fine-tune failed: {str(result.error).splitlines()[0]}")
+    for result in done:
         runs[result.config["trial"]["index"]] = FineTune(**json.loads(result.metrics["result"]))
-    return runs, elapsed
+    return runs, failed, elapsed
 
 
 def _plot(report: Calibration, path: Path) -> None:

@@ -77,11 +77,12 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     examples = storage.read_parquet(examples_path(cfg.data))
     rows, labels = subsets.target_rows(data, examples, cfg.target), subsets.label_sets(examples, cfg.target)
     label_rows = subsets.label_rows(anchor, rows, labels)
+    failed_trials = []  # Tune trials that failed after their retries: reported, left out of the fits
     if cfg.search == "tune":
         from engine.select.tasks.tune import tune_subsets
 
-        est = tune_subsets(data, cfg.target, candidates, cfg.subsets, fitting, out / "tune", cfg.seed, cfg.runtime,
-                           labels=label_rows)
+        est, failed_trials = tune_subsets(data, cfg.target, candidates, cfg.subsets, fitting, out, cfg.seed,
+                                          cfg.runtime, labels=label_rows)
     else:
         sets = subsets.random_subsets(len(candidates), cfg.subsets, cfg.ratio, cfg.seed)
         est = subsets.estimate(data, cfg.target, sets, candidates, lam=fitting, labels=label_rows)
@@ -113,7 +114,8 @@ def select_tasks(cfg: SelectTasksConfig) -> dict:
     report = {
         "target": cfg.target, "search": cfg.search, "selected": chosen,
         "estimates": {name: asdict(e) for name, e in estimates.items()}, "units": cfg.units, "clusters": mix,
-        "forward_trace": trace, "subsets": cfg.subsets, "seconds": round(time.perf_counter() - started, 3),
+        "forward_trace": trace, "subsets": cfg.subsets, "failed_trials": [asdict(t) for t in failed_trials],
+        "seconds": round(time.perf_counter() - started, 3),
         "config": cfg.model_dump(mode="json"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
