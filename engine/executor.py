@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from engine import storage
+from engine import shared, storage
 from engine.errors import SiftError
 from engine.paths import cache_dir
 
@@ -171,6 +171,7 @@ def run(stage, cfg, force: bool = False) -> Outcome:
         marker = read_marker(out)
         if marker is not None and marker.fingerprint == fp and marker.stage == stage.name:
             return Outcome(stage.name, "skipped (done)", marker.seconds, fp, stage.result.model_validate(marker.result))
+    shared.check_output(out, getattr(cfg, "runtime", None))  # on a cluster, a local `out` every node sees
     started = time.perf_counter()
     if out is not None:
         storage.delete(storage.join(out, MARKER))

@@ -4,7 +4,8 @@ what they hold.
     OUT/manifest.json                 kind, fingerprint (model, adapter, config, data), dim, dtype, seed
     OUT/config.json                   the full featurize request (written by the runner)
     OUT/shards/00000.npy              vectors of the shard's kept rows, (n, dim), float32 or float16
-    OUT/shards/00000.parquet          id, task, label (+ f for gradients) of those rows, same order
+    OUT/shards/00000.parquet          id, task, label (+ f for gradients) of those rows, same order;
+                                      its footer names the Ray node that wrote the shard
     OUT/shards/00000.quarantine.parquet   rows that produced no feature, with a reason
 
 OUT is any location `engine.storage` serves (a local folder, s3://, gs://, ...). Shard k always
@@ -27,6 +28,7 @@ import functools
 import io
 import math
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from engine import storage
 from engine.config import EmbedConfig, FeaturizeConfig, GradsConfig
@@ -45,6 +48,7 @@ SHARDS = "shards"
 CACHE_BYTES = 256 << 20  # remote shards kept in memory for random access
 MAX_MAPS = 1024  # local shards kept memory-mapped for random access (100M rows of 1,024-row shards: 97,657)
 FETCH_THREADS = 8  # parallel GETs when many small shard files are read from object storage
+WRITER_NODE = "sift.ray_node"  # rows-file metadata: the Ray node that wrote the shard
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,9 @@ class FeatureStore:
         with storage.atomic_writer(npy) as f:
             np.save(f, vectors.astype(self.spec.dtype, copy=False))
         storage.write_parquet(quarantine, quarantined)
-        storage.write_parquet(rows, parquet)  # last: marks the shard done
+        node = _ray_node()
+        with storage.atomic_writer(parquet) as f:  # last: marks the shard done
+            rows.write_parquet(f, metadata={WRITER_NODE: node} if node else None)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -182,6 +188,19 @@ class FeatureStore:
         """Shard k's row metadata (id, task, ...), aligned with `shard_vectors(k)`: a pass over a
         large store reads it shard by shard instead of `rows()` whole."""
         return storage.read_parquet(self._files(k)[1])
+
+    def shard_node(self, k: int) -> str | None:
+        """The Ray node id that wrote finished shard k (None when written outside Ray), from its
+        rows file's footer: where the work of a run actually went."""
+        fs, path = storage.filesystem(self._files(k)[1])
+        with fs.open_input_file(path) as f:
+            value = (pq.ParquetFile(f).metadata.metadata or {}).get(WRITER_NODE.encode())
+        return value.decode() if value else None
+
+    def shard_nodes(self) -> list[str | None]:
+        """`shard_node` of every shard, in order."""
+        self.check_complete()
+        return self._each_shard(self.shard_node)
 
     def size_bytes(self) -> int:
         return storage.size(storage.join(self.root, SHARDS))
@@ -265,6 +284,13 @@ class ShardedVectors:
                 shard = ahead.result()
                 ahead = pool.submit(self._fetch, k + 1) if k + 1 < self.num_shards else None
                 yield shard
+
+
+def _ray_node() -> str | None:
+    """The Ray node this process runs on, when it is a Ray worker (Ray is never imported here:
+    a process that has not imported it is not one)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
 def _npy_rows(path: str) -> int:
