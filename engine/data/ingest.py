@@ -46,8 +46,10 @@ STAGING = "_staging"
 URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 BUCKET_ROWS = 1 << 19  # ids per duplicate-check bucket: the largest table the driver holds
 PASS_ROWS = 1 << 16  # rows per batch of the passes over the staged rows
-# Blocks waiting in the object store for the driver (later files wait for earlier ones): the
-# driver maps every object-store page it reads from, so this also bounds its shared memory.
+# Read blocks waiting in the object store for the driver (with blocks kept in input order, later
+# files wait for earlier ones). The object-store pages the driver has read from still count in
+# its RSS as shared memory (RssShmem grows with the rows read until the store's arena is reused;
+# jobs/bench/memory.py reports it apart from the driver's own heap).
 IN_FLIGHT_BYTES = 256 << 20
 ID_SCHEMA = pa.schema([("id", pa.string()), ("order", pa.int64())])
 
