@@ -2,20 +2,17 @@
 last checkpoint on another node; a Ray Tune trial that keeps failing is reported and left out; and
 `sift train` goes on with the other groups when one group's training fails.
 
-The multi-node test starts its own cluster on this machine: a head and two worker nodes, each a
-`ray start --block` in a session of its own with its own --temp-dir and ports, and drives it
-through a `sift train-lora` subprocess (the pytest process already holds an embedded Ray). It
-kills only the processes of the sessions it started, by session id.
+The multi-node test starts its own cluster on this machine (engine/local_cluster.py: a head and two
+worker nodes, each a `ray start --block` in a session of its own with its own temp dir and ports)
+and drives it through a `sift train-lora` subprocess (the pytest process already holds an
+embedded Ray). It kills only the processes of the nodes it started.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +26,7 @@ import pytest
 from engine.cli import main
 from engine.config import EnsembleTrainConfig, RuntimeConfig
 from engine.errors import SiftError
+from engine.local_cluster import CLIENT_ENV
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -153,44 +151,6 @@ def test_train_goes_on_when_one_group_fails(suite_grads, tmp_path):
 # --- a Ray Train run survives the loss of its worker's node ------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[3])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _processes_in(session: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[3]) == session:
-                found.append(int(entry.name))
-    return found
-
-
-def _kill_session(session: int) -> None:
-    for pid in _processes_in(session):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _train_worker_pids() -> list[int]:
     """Ray Train's worker processes (their title names RayTrainWorker)."""
     found = []
@@ -204,86 +164,16 @@ def _train_worker_pids() -> list[int]:
     return found
 
 
-class LocalCluster:
-    """A head (no CPUs: the driver and Train's controller only) and worker nodes of 1 CPU each,
-    every one a `ray start --block` in its own session; stopped by killing those sessions."""
-
-    def __init__(self, root: Path, workers: int):
-        self.root = root
-        self.nodes: list[subprocess.Popen] = []
-        gcs, client, agent = _free_ports(3)
-        self.address = f"127.0.0.1:{gcs}"
-        # engine.runtime sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in this process (loopback for the
-        # embedded Ray); with it, `ray start --address` refuses to add a node even on Linux.
-        drop = {"RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-        self.env = {k: v for k, v in os.environ.items() if k not in drop}
-        self.env.update({
-            "PATH": f"{BIN}{os.pathsep}{self.env.get('PATH', '')}",
-            # Ray 2.60 turns token auth on when ~/.ray/auth_token exists: one token of our own
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            # a killed node is declared dead in ~2 s instead of ~30 s
-            "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
-            "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "0",
-        })
-        self._start("head", ["--head", "--port", str(gcs), "--num-cpus", "0", "--include-dashboard", "false",
-                             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent)])
-        for k in range(workers):
-            self._start(f"worker-{k}", ["--address", self.address, "--num-cpus", "1",
-                                        "--dashboard-agent-listen-port", str(_free_ports(1)[0])])
-
-    def _start(self, name: str, args: list[str]) -> None:
-        with open(self.root / f"{name}.log", "w") as log:
-            self.nodes.append(subprocess.Popen(
-                [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir",
-                 str(self.root / name), "--object-store-memory", str(100 << 20), "--min-worker-port", "0",
-                 "--max-worker-port", "0", "--disable-usage-stats", *args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        if name == "head":
-            self._wait_for_gcs()
-
-    def _wait_for_gcs(self, timeout_s: float = 60) -> None:
-        host, port = self.address.split(":")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("the test cluster's head did not start:\n" + (self.root / "head.log").read_text()[-3000:])
-
-    def node_of(self, pid: int) -> int | None:
-        """Which of this cluster's nodes (index) process `pid` belongs to, by its session."""
-        session = _session_of(pid)
-        sessions = [node.pid for node in self.nodes]
-        return sessions.index(session) if session in sessions else None
-
-    def kill(self, index: int) -> None:
-        _kill_session(self.nodes[index].pid)
-
-    def stop(self) -> None:
-        for node in reversed(self.nodes):
-            _kill_session(node.pid)
-        for node in self.nodes:
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 10
-        while (left := [p for node in self.nodes for p in _processes_in(node.pid)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not left, f"processes of the test cluster survived: {left}"
-
-
 @pytest.fixture
 def cluster():
-    root = Path(tempfile.mkdtemp(prefix="sift-ft-", dir="/tmp"))  # short: Ray's unix sockets live under it
-    started = LocalCluster(root, workers=2)
+    """A head with no CPUs (the driver and Train's controller only) and two 1-CPU worker nodes."""
+    from engine.local_cluster import LocalCluster
+
+    started = LocalCluster(Path(tempfile.mkdtemp(prefix="sift-ft-", dir="/tmp"))).start(workers=2)
     try:
         yield started
     finally:
-        started.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        started.close()
 
 
 def test_ray_train_survives_losing_its_workers_node(cluster, tmp_path, ray_session):
@@ -294,7 +184,7 @@ def test_ray_train_survives_losing_its_workers_node(cluster, tmp_path, ray_sessi
     driver = subprocess.Popen(
         [str(BIN / "sift"), "train-lora", "--data", str(tmp_path / "suite"), "--model", "tiny-llama", "--out", str(out),
          "--set", f"epochs={epochs}", "--set", "steps_per_epoch=300", "--set", "batch_size=4"],  # epochs of ~8 s
-        cwd=ROOT, env={**cluster.env, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
+        cwd=ROOT, env={**os.environ, **CLIENT_ENV, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         # Once the first epoch's checkpoint is registered (Ray Train's snapshot of its checkpoints
@@ -305,15 +195,15 @@ def test_ray_train_survives_losing_its_workers_node(cluster, tmp_path, ray_sessi
             registered = list((out / "ray").glob("train-lora-*/checkpoint_manager_snapshot.json"))
             time.sleep(0.1)
         assert registered, "no checkpoint within 120 s"
-        nodes = {cluster.node_of(pid) for pid in _train_worker_pids()} - {None}
-        assert len(nodes) == 1 and 0 not in nodes, nodes  # on a worker node, never the head (0 CPUs)
-        lost = nodes.pop()
-        cluster.kill(lost)
+        workers = set(_train_worker_pids())
+        hosts = [node for node in cluster.nodes if workers & set(node.pids())]
+        assert [node.name for node in hosts] in (["worker-1"], ["worker-2"]), hosts  # never the head (0 CPUs)
+        cluster.kill(hosts[0])
         killed_at = time.monotonic()
         output, _ = driver.communicate(timeout=240)
     finally:
         if driver.poll() is None:
-            _kill_session(driver.pid)
+            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, output[-4000:]
     report = json.loads((out / "train.json").read_text())
     assert [m["epoch"] for m in report["history"]] == list(range(epochs))
@@ -321,5 +211,5 @@ def test_ray_train_survives_losing_its_workers_node(cluster, tmp_path, ray_sessi
     # (start_epoch > 0), not from step 0.
     assert report["history"][-1]["start_epoch"] >= 1, report["history"]
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
-    print(f"\nresumed {time.monotonic() - killed_at:.1f} s after the node was killed; history "
+    print(f"\nfinished {time.monotonic() - killed_at:.1f} s after the node was killed; (epoch, start_epoch): "
           f"{[(m['epoch'], m['start_epoch']) for m in report['history']]}")
