@@ -198,6 +198,9 @@ def _run_with_storage(stage, cfg, out: str | None, fp: str):
         if remote_out:
             work = cache_dir("work", f"{stage.name}-{fp}")
             update[stage.output] = str(work)
+            runtime = getattr(cfg, "runtime", None)
+            if runtime is not None and runtime.checkpoints is None:  # Train/Tune state where every node sees it
+                update["runtime"] = runtime.model_copy(update={"checkpoints": storage.join(out, "_checkpoints")})
     result = stage.run(cfg.model_copy(update=update) if update else cfg)
     if remote_out and not stage.native_storage:
         storage.upload(work, out)

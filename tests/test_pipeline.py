@@ -58,6 +58,7 @@ def test_pipeline_end_to_end_on_s3_and_rerun(tmp_path, s3_dir, ray_session, caps
     assert "3 test rows classified over HTTP (peft)" in first
     assert len(storage.read_json(f"{out}/serve/answers.json")) == 3
     assert storage.exists(f"{out}/train/ensemble.json") and storage.exists(f"{out}/train/adapters/group-0")
+    assert storage.list_files(f"{out}/train/_checkpoints")  # Ray Train's state on S3, where every node sees it
     assert "Adapter ensemble on test rows" in first
     assert storage.read_text(f"{out}/report.html").count("data:image/png;base64") == 3  # pool, tasks, groups
 
