@@ -67,14 +67,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="sift-bench-mn-", dir="/tmp"))  # short: Ray's socket paths
+    work = Path(tempfile.mkdtemp(prefix="sift-bn-", dir="/tmp"))  # short: Ray's socket paths
     data = work / "data"
     data.mkdir()
     frame = corpora.load("tweets").sample(args.rows, seed=0)
     frame.select(pl.Series("id", [f"t{i}" for i in range(args.rows)]), "text").write_parquet(data / "examples.parquet")
 
     runs: dict[int, list[dict]] = {}
-    with LocalCluster(work / "cluster") as cluster:
+    with LocalCluster(work / "c") as cluster:
         cluster.start(workers=1, worker_cpus=1)
         for workers in (1, 2):
             if workers == 2:
