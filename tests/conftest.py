@@ -114,7 +114,7 @@ def tweets_ingest(tmp_path_factory, ray_session) -> Path:
 ENSEMBLE_TASKS = {"wordnet-animal-plant": ["animal", "plant"], "fortunes-law-politics": ["law", "politics"]}
 
 
-def write_random_adapter(folder: Path, seed: int, r: int = 4) -> Path:
+def write_random_adapter(folder: Path, seed: int, r: int = 4, layers: list[int] | None = None) -> Path:
     """A tiny-llama LoRA with seeded non-zero weights (a fresh LoRA's B is zero: it would equal
     the base model and hide any mix-up between adapters)."""
     import torch
@@ -122,7 +122,7 @@ def write_random_adapter(folder: Path, seed: int, r: int = 4) -> Path:
     from engine.config import LoraSpec
     from engine.models import builtin, load, lora
 
-    model = lora.add_lora(load.load_causal_lm(builtin.resolve("tiny-llama")), LoraSpec(r=r, seed=seed))
+    model = lora.add_lora(load.load_causal_lm(builtin.resolve("tiny-llama")), LoraSpec(r=r, seed=seed, layers=layers))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import yaml
 from engine.config import IngestConfig
 from engine.data.ingest import EXAMPLES, QUARANTINE, ingest
 from engine.errors import SiftError
+from engine.local_cluster import free_ports
 from tests.conftest import ROOT, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -62,16 +62,6 @@ class Head:
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=180, check=False)
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _processes_of(session: int, marker: str) -> list[int]:
     """Live processes in the head's session or carrying its marker (job drivers call setsid)."""
     found = []
@@ -96,7 +86,7 @@ def ray_head():
     # this head's address out of /tmp/ray/ray_current_cluster, so a plain ray.init() elsewhere
     # on the machine never joins it.
     temp_dir = Path(tempfile.mkdtemp(prefix="sift-head-", dir="/tmp"))
-    gcs, dashboard, client, agent = _free_ports(4)
+    gcs, dashboard, client, agent = free_ports(4)
     marker = f"{MARKER}={temp_dir}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({

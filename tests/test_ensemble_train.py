@@ -179,21 +179,11 @@ def test_scoring_shares_the_layers_below_the_adapters(tmp_path):
     adapter and the bare base; an adapter on every layer leaves nothing to share."""
     import torch
 
-    from engine.config import LoraSpec
     from engine.ensemble.model import EnsembleModel
-    from engine.models import builtin, load, lora
-
-    def adapter(folder, seed, layers):
-        model = lora.add_lora(load.load_causal_lm(builtin.resolve("tiny-llama")), LoraSpec(r=4, seed=seed, layers=layers))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-        model.save_pretrained(str(folder))
+    from tests.conftest import write_random_adapter
 
     for k in range(2):
-        adapter(tmp_path / f"a{k}", seed=k, layers=[1])
+        write_random_adapter(tmp_path / f"a{k}", seed=k, layers=[1])
     entries = [manifest.AdapterEntry(name=f"a{k}", path=f"a{k}", tasks=["t"], rank=4) for k in range(2)]
     start = manifest.Manifest(base_model="tiny-llama", max_lora_rank=4, adapters=entries, tasks={
         "t": manifest.TaskEntry(labels=["animal", "plant"], weights={"a0": 0.5, "a1": 0.5})})
@@ -207,7 +197,7 @@ def test_scoring_shares_the_layers_below_the_adapters(tmp_path):
         assert torch.allclose(shared[name], whole[name], atol=1e-5), name
     assert not torch.allclose(whole["a0"], whole["a1"], atol=1e-3)  # the adapters differ: a mix-up would show
 
-    adapter(tmp_path / "every", seed=5, layers=None)
+    write_random_adapter(tmp_path / "every", seed=5)
     every = manifest.AdapterEntry(name="every", path="every", tasks=["t"], rank=4)
     ensemble.update(manifest.load(manifest.write(start.model_copy(update={"adapters": [*entries, every]}), tmp_path)))
     assert ensemble.shared_from is None
