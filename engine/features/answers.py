@@ -31,19 +31,24 @@ def encode_text(tokenizer, text: str, max_length: int) -> Encoded | str:
 
 
 def collate(examples: list[Encoded], pad_id: int) -> AnswerBatch:
-    width = max(len(ids) for ids, _ in examples)
-    answers = max(len(ids) - start for ids, start in examples)
-    b = len(examples)
+    """Each answer token is read at the position before it (next-token prediction)."""
+    return pad([(ids, list(range(start - 1, len(ids) - 1)), ids[start:]) for ids, start in examples], pad_id)
+
+
+def pad(rows: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> AnswerBatch:
+    """(token ids, positions to read, the answer token read at each) per row -> one padded batch."""
+    width = max(len(ids) for ids, _, _ in rows)
+    answers = max(len(tokens) for _, _, tokens in rows)
+    b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((b, width), dtype=torch.long)
     answer_pos = torch.zeros((b, answers), dtype=torch.long)
     answer_ids = torch.zeros((b, answers), dtype=torch.long)
     answer_valid = torch.zeros((b, answers), dtype=torch.long)
-    for i, (ids, start) in enumerate(examples):
+    for i, (ids, positions, tokens) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
-        n = len(ids) - start
-        answer_pos[i, :n] = torch.arange(start - 1, len(ids) - 1)
-        answer_ids[i, :n] = torch.tensor(ids[start:])
-        answer_valid[i, :n] = 1
+        answer_pos[i, : len(tokens)] = torch.tensor(positions)
+        answer_ids[i, : len(tokens)] = torch.tensor(tokens)
+        answer_valid[i, : len(tokens)] = 1
     return AnswerBatch(input_ids, attention_mask, answer_pos, answer_ids, answer_valid)

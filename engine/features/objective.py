@@ -31,21 +31,7 @@ def choice_batch(examples: list[Choice], pad_id: int) -> AnswerBatch:
     """Prompts whose 'answer tokens' are their labels' first tokens, every one read at the
     prompt's last position (so the answer score's per-token log-probabilities are the labels'
     next-token log-probabilities, through the module's own forward, as DDP needs)."""
-    width = max(len(ids) for ids, _ in examples)
-    labels = max(len(choices) for _, choices in examples)
-    b = len(examples)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, width), dtype=torch.long)
-    answer_pos = torch.zeros((b, labels), dtype=torch.long)
-    answer_ids = torch.zeros((b, labels), dtype=torch.long)
-    answer_valid = torch.zeros((b, labels), dtype=torch.long)
-    for i, (ids, choices) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
-        answer_pos[i, :len(choices)] = len(ids) - 1
-        answer_ids[i, :len(choices)] = torch.tensor(choices)
-        answer_valid[i, :len(choices)] = 1
-    return AnswerBatch(input_ids, attention_mask, answer_pos, answer_ids, answer_valid)
+    return answers.pad([(ids, [len(ids) - 1] * len(choices), choices) for ids, choices in examples], pad_id)
 
 
 def collate(examples: list, pad_id: int, objective: str = "answer") -> AnswerBatch:
