@@ -47,12 +47,13 @@ class Candidate:
     per_task: dict[str, dict[str, float]]  # task -> estimated loss and accuracy under its group's fit
 
 
-def _refine(config: dict, data: subsets.TaskGradients, starts: dict[str, list[int]], lam: float, rounds: int) -> None:
+def _refine(config: dict, shared: subsets.SharedGradients, starts: dict[str, list[int]], lam: float,
+            rounds: int) -> None:
     import torch
     from ray import tune
 
     torch.set_num_threads(1)
-    scorer = grouping.GroupScorer(data, lam)
+    scorer = grouping.GroupScorer(shared.load(), lam)
     labels, trace = scorer.local_search(np.array(starts[config["start"]]), rounds)
     loss, accuracy = scorer.per_task(labels)
     tune.report({"objective": trace[-1], "start_objective": trace[0], "steps": len(trace) - 1, "fits": scorer.fits,
@@ -106,7 +107,7 @@ def _search(cfg: GroupConfig, data: subsets.TaskGradients, aff: grouping.Affinit
 
     info = runtime.start(cfg.runtime)
     trainable = tune.with_resources(
-        tune.with_parameters(_refine, data=data, starts=starts, lam=cfg.lam, rounds=cfg.rounds), {"cpu": 1})
+        tune.with_parameters(_refine, shared=data.shared(), starts=starts, lam=cfg.lam, rounds=cfg.rounds), {"cpu": 1})
     name = experiment_name(EXPERIMENT, starts, cfg.lam, cfg.rounds, data)
     tuner = restorable_tuner(trainable, name, runtime.run_storage(cfg.runtime, out, "tune"), cfg.runtime.max_failures,
                              param_space={"start": tune.grid_search(list(starts))},

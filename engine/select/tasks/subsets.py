@@ -36,6 +36,31 @@ class TaskGradients:
         i = self.tasks.index(task)
         return (self.task == i) & (self.train == train)
 
+    def shared(self) -> "SharedGradients":
+        """The arrays as numpy, for Ray Tune trials (`tune.with_parameters` puts them in the
+        object store once)."""
+        return SharedGradients(self.tasks, self.G.numpy(), self.f.numpy(), self.task.numpy(), self.train.numpy())
+
+
+@dataclass(frozen=True)
+class SharedGradients:
+    """TaskGradients as numpy arrays: every trial process on a node maps the object store's one
+    copy of them (Ray reads numpy arrays without copying), where torch tensors would be copied
+    into each trial. Read-only: the estimator never writes into its inputs."""
+
+    tasks: list[str]
+    G: np.ndarray
+    f: np.ndarray
+    task: np.ndarray
+    train: np.ndarray
+
+    def load(self) -> TaskGradients:
+        import warnings
+
+        with warnings.catch_warnings():  # torch warns that the object store's arrays are read-only
+            warnings.simplefilter("ignore", UserWarning)
+            return TaskGradients(self.tasks, *(torch.from_numpy(a) for a in (self.G, self.f, self.task, self.train)))
+
 
 def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
          dtype: torch.dtype = torch.float32) -> TaskGradients:

@@ -21,12 +21,13 @@ from engine.select.tasks.estimator import Fitting, LabelRows
 EXPERIMENT = "select-tasks"
 
 
-def _trial(config: dict, data: subsets.TaskGradients, targets: list[str], candidates: list[str], lam: Fitting,
+def _trial(config: dict, shared: subsets.SharedGradients, targets: list[str], candidates: list[str], lam: Fitting,
            labels: LabelRows | None) -> None:
     import torch
     from ray import tune
 
     torch.set_num_threads(1)
+    data = shared.load()
     chosen = np.array([[bool(config[c]) for c in candidates]])
     est = subsets.estimate(data, targets, chosen, candidates, lam=lam, labels=labels)
     tune.report({"loss": float(est.loss[0]),
@@ -80,7 +81,7 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
 
     info = runtime.start(runtime_cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, data=data, targets=targets, candidates=candidates, lam=lam, labels=labels),
+        tune.with_parameters(_trial, shared=data.shared(), targets=targets, candidates=candidates, lam=lam, labels=labels),
         {"cpu": 1})
     settings = lam if not isinstance(lam, Fitting) else (lam.lam, lam.method, lam.gradex_c, lam.update_norm)
     tuner = restorable_tuner(
