@@ -64,6 +64,7 @@ def redirect() -> None:
 
         transformers.utils.logging.disable_default_handler()
         transformers.utils.logging.add_handler(_handler)
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar per model load
     except ImportError:
         pass
 

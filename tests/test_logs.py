@@ -34,3 +34,14 @@ def test_a_quiet_run_sends_ray_and_tune_output_to_the_log_file(ray_session, tmp_
 
     worker.print_to_stdstream({"lines": ["shown when verbose"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     assert "shown when verbose" in capsys.readouterr().out
+
+
+def test_a_quiet_run_loads_models_without_their_progress_bars(tmp_path, capsys):
+    from engine.models import builtin, load
+
+    logs.setup(str(tmp_path), "quiet", verbose=False)
+    try:
+        load.load_causal_lm(builtin.resolve("tiny-llama"))
+    finally:
+        logs.setup(None, "verbose", verbose=True)
+    assert "Loading weights" not in capsys.readouterr().err
