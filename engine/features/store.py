@@ -156,10 +156,11 @@ class FeatureStore:
             raise SiftError(f"{self.root}: feature store is incomplete ({len(missing)} of {self.spec.num_shards} "
                             "shards missing); rerun the same `sift featurize` command to finish it")
 
-    def rows(self) -> pl.DataFrame:
-        """Row metadata (id, task, label, ...) of every stored vector, in store order."""
+    def rows(self, columns: list[str] | None = None) -> pl.DataFrame:
+        """Row metadata (id, task, label, ...) of every stored vector, in store order; only
+        `columns` when given (a large store's row metadata is read whole here)."""
         self.check_complete()
-        return pl.concat(self._each_shard(lambda k: storage.read_parquet(self._files(k)[1])))
+        return pl.concat(self._each_shard(lambda k: storage.read_parquet(self._files(k)[1], columns=columns)))
 
     def quarantine(self) -> pl.DataFrame:
         self.check_complete()
@@ -265,24 +266,42 @@ class ShardedVectors:
         return out
 
     def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, dtype=dtype or self.dtype)
-        for k, shard in enumerate(self._shards()):
-            out[self.offsets[k]:self.offsets[k + 1]] = shard
+        return self.read_into(np.empty(self.shape, dtype=dtype or self.dtype))
+
+    def read_into(self, out: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """out[i] = self[rows[i]] for `rows` in store order (non-decreasing; None: every row),
+        converted to out's dtype, one shard at a time with the next one already fetching: the
+        only copy of the vectors made, straight into the caller's array (which may be longer, for
+        rows the caller adds itself). Shards holding none of `rows` are not read. Returns out."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(rows) > len(out):
+            raise ValueError(f"{len(rows)} rows do not fit in an array of {len(out)}")
+        if len(rows) and (rows[0] < 0 or rows[-1] >= len(self) or (np.diff(rows) < 0).any()):
+            raise ValueError("rows must be store positions in store order")
+        bounds = np.searchsorted(rows, self.offsets)  # rows[bounds[k]:bounds[k + 1]] lie in shard k
+        wanted = [k for k in range(self.num_shards) if bounds[k + 1] > bounds[k]]
+        for k, shard in zip(wanted, self._shards(wanted)):
+            at = rows[bounds[k]:bounds[k + 1]] - self.offsets[k]
+            if at[-1] - at[0] + 1 == len(at):  # a run of consecutive rows: a slice, no gathered temporary
+                out[bounds[k]:bounds[k + 1]] = shard[at[0]:at[-1] + 1]
+            else:
+                out[bounds[k]:bounds[k + 1]] = shard[at]
         return out
 
     def iter_batches(self, rows: int = 65536) -> Iterator[np.ndarray]:
         """Batches of at most `rows` vectors in store order, one shard in memory at a time."""
-        for shard in self._shards():
+        for shard in self._shards(range(self.num_shards)):
             for start in range(0, len(shard), rows):
                 yield np.asarray(shard[start:start + rows])
 
-    def _shards(self) -> Iterator[np.ndarray]:
-        """Every shard in order, the next one fetched while the current one is used."""
+    def _shards(self, shards) -> Iterator[np.ndarray]:
+        """Shards `shards` in order, the next one fetched while the current one is used."""
+        shards = list(shards)
         with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(self._fetch, 0) if self.num_shards else None
-            for k in range(self.num_shards):
+            ahead = pool.submit(self._fetch, shards[0]) if shards else None
+            for i in range(len(shards)):
                 shard = ahead.result()
-                ahead = pool.submit(self._fetch, k + 1) if k + 1 < self.num_shards else None
+                ahead = pool.submit(self._fetch, shards[i + 1]) if i + 1 < len(shards) else None
                 yield shard
 
 

@@ -30,7 +30,7 @@ class TaskGradients:
     f: torch.Tensor  # (n,) anchor outputs f*
     task: torch.Tensor  # (n,) index into tasks
     train: torch.Tensor  # (n,) bool: training row (else validation)
-    ids: list[str | None] | None = None  # the rows' example ids (None for synthetic top-up rows)
+    ids: pl.Series | None = None  # the rows' example ids (null for synthetic top-up rows)
 
     def rows(self, task: str, train: bool) -> torch.Tensor:
         i = self.tasks.index(task)
@@ -64,50 +64,117 @@ class SharedGradients:
 
 def load(grads: str | Path, data: str | Path, top_up: int = 0, seed: int = 0,
          dtype: torch.dtype = torch.float32) -> TaskGradients:
-    """A gradient store joined to the examples' task and split (ids must match)."""
+    """A gradient store joined to the examples' task and split (ids must match): the training and
+    validation rows (test rows are for `sift evaluate` only), in store order.
+
+    What stays per row, and why: the fit (estimator.fit_subsets) is a logistic regression, so
+    every Newton step weighs each training row by sigmoid(-(f_i + g_i . w)), a function of that
+    row's own g_i: no per-task sum or mean stands in for the rows, and every subset's estimate,
+    the affinity and the local search score each validation row's own f_i + g_i . w. So G holds
+    every training and validation row, once. What is per task (the task list, training rows per
+    task for the top-up) comes from the row metadata before any vector is read.
+
+    Nothing is copied twice: the store's row metadata is read as id and f only, the examples as
+    id, task and split only; G is allocated once, (rows + top-up rows, d) in `dtype`, and each
+    shard is read straight into it (mapped from a local store, fetched from a remote one with the
+    next shard downloading) with only the rows kept; top-up rows are averaged in place after them;
+    torch wraps the arrays without copying. The store's shards cannot be one mapped array for torch
+    (separate files, test rows between the kept ones), and a fit reads every row in each of its
+    matrix products, so mapping would only move the same resident pages from heap to page cache.
+    The peak beyond G is one shard (jobs/bench/memory.py --kinds estimator)."""
     store = FeatureStore(grads)
     if store.spec.kind != "grads":
         raise SiftError(f"{grads} is a {store.spec.kind} store; select-tasks needs `sift featurize grads` output")
-    rows = store.rows().with_row_index("row")
     data_path = examples_path(data)
     examples = storage.read_parquet(data_path, columns=["id", "task", "split"])
-    joined = rows.drop("task").join(examples, on="id", how="left")
-    if joined["split"].null_count() == joined.height:
+    joined = store.rows(columns=["id", "f"]).with_row_index("row").join(
+        examples, on="id", how="left", maintain_order="left")
+    del examples
+    unknown = joined["split"].null_count()
+    if unknown == joined.height:
         raise SiftError(f"no id of the gradient store {grads} is in {data_path}; were they built from the same data?")
+    if unknown:
+        example = joined.filter(pl.col("split").is_null())["id"][0]
+        raise SiftError(f"{unknown:,} row(s) of the gradient store {grads} have ids not in {data_path} "
+                        f"(e.g. {example!r}); were they built from the same data?")
     # Test rows stay out of every fit and every estimate: they are for `sift evaluate` only.
-    joined = joined.with_columns(pl.col("split").fill_null("train")).filter(pl.col("split").is_in(["train", "validation"]))
-    vectors = torch.as_tensor(np.array(store.vectors()), dtype=dtype)
-    f = torch.tensor(np.array(rows["f"].to_numpy()), dtype=dtype)
-    if not (torch.isfinite(vectors).all() and torch.isfinite(f).all()):
-        raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
+    joined = joined.filter(pl.col("split").is_in(["train", "validation"]))
     tasks = sorted(joined["task"].drop_nulls().unique().to_list())
-    index = {t: i for i, t in enumerate(tasks)}
-    order = torch.as_tensor(joined["row"].to_numpy().astype(np.int64))
-    data = TaskGradients(tasks, vectors[order], f[order],
-                         torch.tensor([index[t] for t in joined["task"].to_list()]),
-                         torch.tensor((joined["split"] == "train").to_numpy()), joined["id"].to_list())
-    return _top_up(data, top_up, seed) if top_up else data
+    if joined["task"].null_count():
+        raise SiftError(f"{data_path}: {joined['task'].null_count():,} training or validation rows have no task")
+    task = torch.from_numpy(joined["task"].cast(pl.Enum(tasks)).to_physical().to_numpy().astype(np.int64))
+    train = torch.from_numpy((joined["split"] == "train").to_numpy())
+    plan = _TopUp.plan(tasks, task, train, top_up, seed) if top_up else _TopUp.none()
+    n = joined.height
+    G = torch.empty(n + plan.rows, store.spec.dim, dtype=dtype)
+    f = torch.empty(n + plan.rows, dtype=dtype)
+    store.vectors().read_into(G.numpy(), joined["row"].to_numpy())
+    f.numpy()[:n] = joined["f"].to_numpy()
+    for start in range(0, n, 1 << 16):  # a bounded temporary, not an (n, d) mask
+        stop = min(n, start + (1 << 16))
+        if not (torch.isfinite(G[start:stop]).all() and torch.isfinite(f[start:stop]).all()):
+            raise SiftError(f"{grads}: NaN or infinite features; rebuild the store")
+    ids = joined["id"]
+    del joined
+    return plan.apply(TaskGradients(tasks, G[:n], f[:n], task, train, ids), G, f)
+
+
+@dataclass(frozen=True)
+class _TopUp:
+    """Rows added to tasks with fewer than `rows` training rows: each the average of a random pair
+    (a[i], b[i]) of the task's own training rows."""
+
+    task: np.ndarray  # (m,) task index of each added row
+    a: np.ndarray  # (m,) row positions averaged
+    b: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.task)
+
+    @staticmethod
+    def none() -> "_TopUp":
+        empty = np.zeros(0, dtype=np.int64)
+        return _TopUp(empty, empty, empty)
+
+    @staticmethod
+    def plan(tasks: list[str], task: torch.Tensor, train: torch.Tensor, rows: int, seed: int) -> "_TopUp":
+        rng = np.random.default_rng(seed)
+        added, a, b = [], [], []
+        for i, name in enumerate(tasks):
+            members = torch.nonzero((task == i) & train).flatten().numpy()
+            if len(members) < MIN_TRAIN_ROWS:
+                raise SiftError(f"task {name!r} has {len(members)} training rows; at least {MIN_TRAIN_ROWS} are needed")
+            missing = rows - len(members)
+            if missing > 0:
+                a.append(rng.choice(members, missing))
+                b.append(rng.choice(members, missing))
+                added.append(np.full(missing, i))
+        if not added:
+            return _TopUp.none()
+        return _TopUp(*(np.concatenate(x).astype(np.int64) for x in (added, a, b)))
+
+    def apply(self, data: TaskGradients, G: torch.Tensor, f: torch.Tensor) -> TaskGradients:
+        """`data` with the added rows: G and f hold data's rows first and room for the added ones
+        after them (data.G may be a view of G)."""
+        if not self.rows:
+            return data
+        n = len(data.f)
+        a, b = torch.from_numpy(self.a), torch.from_numpy(self.b)
+        G[n:] = (G[a] + G[b]) / 2
+        f[n:] = (f[a] + f[b]) / 2
+        ids = None if data.ids is None else pl.concat([data.ids, pl.Series(data.ids.name, [None] * self.rows,
+                                                                            dtype=pl.String)])
+        return TaskGradients(data.tasks, G, f, torch.cat([data.task, torch.from_numpy(self.task)]),
+                             torch.cat([data.train, torch.ones(self.rows, dtype=torch.bool)]), ids)
 
 
 def _top_up(data: TaskGradients, rows: int, seed: int) -> TaskGradients:
     """Tasks with fewer than `rows` training rows get averages of random pairs of their rows."""
-    rng = np.random.default_rng(seed)
-    G, f, task, train = [data.G], [data.f], [data.task], [data.train]
-    ids = None if data.ids is None else list(data.ids)
-    for i, name in enumerate(data.tasks):
-        members = torch.nonzero(data.rows(name, train=True)).flatten().numpy()
-        if len(members) < MIN_TRAIN_ROWS:
-            raise SiftError(f"task {name!r} has {len(members)} training rows; at least {MIN_TRAIN_ROWS} are needed")
-        missing = rows - len(members)
-        if missing > 0:
-            a, b = rng.choice(members, missing), rng.choice(members, missing)
-            G.append((data.G[a] + data.G[b]) / 2)
-            f.append((data.f[a] + data.f[b]) / 2)
-            task.append(torch.full((missing,), i))
-            train.append(torch.ones(missing, dtype=torch.bool))
-            if ids is not None:
-                ids += [None] * missing
-    return TaskGradients(data.tasks, torch.cat(G), torch.cat(f), torch.cat(task), torch.cat(train), ids)
+    plan = _TopUp.plan(data.tasks, data.task, data.train, rows, seed)
+    G = torch.cat([data.G, data.G.new_empty(plan.rows, data.G.shape[1])])
+    f = torch.cat([data.f, data.f.new_empty(plan.rows)])
+    return plan.apply(data, G, f)
 
 
 def cluster_units(data: TaskGradients, targets: list[str], clusters: int, seed: int = 0,
@@ -123,16 +190,21 @@ def cluster_units(data: TaskGradients, targets: list[str], clusters: int, seed: 
     rows = torch.nonzero(candidate).flatten().numpy()
     if len(rows) < clusters:
         raise SiftError(f"{len(rows)} candidate rows cannot form {clusters} clusters")
-    unit = torch.nn.functional.normalize(data.G[rows].double(), dim=1).numpy()
+    def unit(at: np.ndarray) -> np.ndarray:  # float64 unit rows of a slice, never of every candidate at once
+        return torch.nn.functional.normalize(data.G[rows[at]].double(), dim=1).numpy()
+
     rng = np.random.default_rng(seed)
     fitted = np.sort(rng.choice(len(rows), size=min(len(rows), max_rows), replace=False))
     labels = np.empty(len(rows), dtype=np.int64)
+    sample = unit(fitted)
     labels[fitted] = AgglomerativeClustering(n_clusters=clusters, metric="cosine", linkage="average") \
-        .fit_predict(unit[fitted])
+        .fit_predict(sample)
     if len(fitted) < len(rows):
-        centroids = np.stack([unit[fitted][labels[fitted] == k].mean(0) for k in range(clusters)])
+        centroids = np.stack([sample[labels[fitted] == k].mean(0) for k in range(clusters)])
         rest = np.setdiff1d(np.arange(len(rows)), fitted)
-        labels[rest] = np.argmax(unit[rest] @ centroids.T, axis=1)
+        for start in range(0, len(rest), 1 << 16):
+            part = rest[start:start + (1 << 16)]
+            labels[part] = np.argmax(unit(part) @ centroids.T, axis=1)
     names = [*targets, *[f"cluster-{k:03d}" for k in range(clusters)]]
     keep = torch.isin(data.task, target_ids) | candidate
     new_task = data.task.clone()
@@ -143,7 +215,7 @@ def cluster_units(data: TaskGradients, targets: list[str], clusters: int, seed: 
     for k in range(clusters):
         members = data.task[rows[labels == k]].tolist()
         mix[names[len(targets) + k]] = {data.tasks[t]: members.count(t) for t in sorted(set(members))}
-    ids = None if data.ids is None else [i for i, k in zip(data.ids, keep.tolist()) if k]
+    ids = None if data.ids is None else data.ids.filter(pl.Series(keep.numpy()))
     return TaskGradients(names, data.G[keep], data.f[keep], new_task[keep], data.train[keep], ids), mix
 
 
@@ -218,7 +290,7 @@ def target_rows(data: TaskGradients, examples: pl.DataFrame, targets: list[str])
     """The targets' validation rows of the store (what every estimate is scored on), in store
     order, with their id, text, task and label from the examples."""
     evaluation = torch.isin(data.task, torch.tensor([data.tasks.index(t) for t in targets])) & ~data.train
-    ids = [data.ids[i] for i in torch.nonzero(evaluation).flatten().tolist()]
+    ids = data.ids.gather(torch.nonzero(evaluation).flatten().numpy())
     return pl.DataFrame({"id": ids}).join(examples.select("id", "text", "task", "label"), on="id", how="left",
                                           maintain_order="left")
 
