@@ -121,9 +121,9 @@ class GradsConfig(FeaturizeConfig):
 class SelectPoolConfig(StrictModel):
     """`sift select-pool`: choose `budget` candidates of a pool for a target distribution."""
 
-    pool: str | None = Field(None, description="texts (files/folders, an ingest folder), an embedding store, "
-                                               "or parquet with id + embedding columns")
-    target: str | None = Field(None, description="same kinds of input as pool")
+    pool: Uri | None = Field(None, description="texts (files/folders/globs), an ingest folder, an embedding store, "
+                                               "or parquet with id + embedding columns; local or a URI")
+    target: Uri | None = Field(None, description="same kinds of input as pool")
     budget: float | None = Field(None, gt=0, description="rows to select; a value below 1 is a fraction of the pool")
     out: Uri | None = None
     method: Literal["gotd", "knn", "dsir", "grad-cosine", "random"] = "gotd"
@@ -142,6 +142,8 @@ class SelectPoolConfig(StrictModel):
     domain_sample: PositiveInt = Field(2_000, description="rows per source for the domain test")
     knn_k: PositiveInt = 10
     dsir_buckets: PositiveInt = 10_000
+    force: bool = Field(False, description="also redo the stages select-pool derives from texts (ingest, embed) "
+                                           "under OUT/pool and OUT/target")
     pool_grads: Uri | None = Field(None, description="gradient store of the pool (grad-cosine)")
     target_grads: Uri | None = Field(None, description="gradient store of the target (grad-cosine)")
     seed: int = 0
@@ -170,6 +172,10 @@ class EstimatorFit(StrictModel):
     gradex_c: float = Field(1e-4, gt=0, description="gradex: sklearn's C")
     update_norm: float | None = Field(None, gt=0, description="rescale every update to |P w| = this x the anchor "
                                                               "adapter's norm (the EMNLP code: 0.02-0.5); default off")
+    radius: float | None = Field(None, gt=0, description="hold every logistic fit to |w| <= radius: the size of the "
+                                                         "real fine-tune an estimate stands for, in the estimator's "
+                                                         "coordinates (|P^T (theta - theta*)|; `estimate --calibrate` "
+                                                         "measures it); default off (the fit converges)")
 
 
 class SelectTasksConfig(StrictModel):

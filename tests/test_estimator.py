@@ -384,3 +384,66 @@ def test_norm_rescaling_sets_the_lifted_update_to_a_share_of_the_anchor_norm():
         assert torch.allclose(lifted.double(), torch.full((3,), 0.4, dtype=torch.float64), rtol=1e-4)
     with pytest.raises(SiftError, match="update_norm needs"):
         estimator.Fitting(update_norm=0.1).solve(torch.tensor(G), torch.tensor(f), torch.tensor(masks[:1]))
+
+
+def test_the_update_radius_holds_each_fit_to_the_size_of_a_real_fine_tune():
+    """The converged fit sends g . w of every training row towards +infinity: its |w| is many
+    times a real fine-tune's |P^T (theta - theta*)|, and its estimates promise about twice the
+    improvement the fine-tunes deliver (issue 14). With a radius each w is the trust-region
+    optimum: |w| = radius where the free fit lies outside (the KKT condition: the loss's gradient
+    points along -w, with a multiplier >= lambda), the free fit where it lies inside, and in the
+    small-radius limit the direction of steepest descent at w = 0."""
+    G, f, masks = _problem(seed=3)
+    G, f, masks = torch.tensor(G), torch.tensor(f), torch.tensor(masks)
+    free = estimator.fit_subsets(G, f, masks, lam=1e-3).w
+    norms = free.norm(dim=1)
+    radius = float(norms.median())
+    held = estimator.Fitting(lam=1e-3, radius=radius).solve(G, f, masks)
+    outside = norms > radius
+    assert outside.any() and (~outside).any()
+    assert torch.allclose(held[~outside], free[~outside])
+    assert torch.allclose(held[outside].norm(dim=1), torch.full((int(outside.sum()),), radius, dtype=G.dtype), rtol=2e-3)
+    M = masks.to(G.dtype)
+    p = torch.sigmoid(-(f + held @ G.T))
+    loss_grad = -((M * p) @ G) / M.sum(1, keepdim=True)
+    cosine = torch.nn.functional.cosine_similarity(loss_grad[outside], -held[outside], dim=1)
+    assert (cosine > 1 - 1e-4).all(), cosine
+    multiplier = loss_grad[outside].norm(dim=1) / (2 * held[outside].norm(dim=1))
+    assert (multiplier >= 1e-3 * (1 - 1e-3)).all()
+    tiny = estimator.fit_within(G, f, masks, radius=1e-4, lam=1e-3).w
+    gradient_at_zero = -((M * torch.sigmoid(-f)) @ G)
+    assert (torch.nn.functional.cosine_similarity(tiny, -gradient_at_zero, dim=1) > 1 - 1e-3).all()
+    with pytest.raises(SiftError, match="goes with neither"):
+        estimator.Fitting(method="gradex", radius=1.0).solve(G, f, masks[:1])
+
+
+def test_a_real_update_in_the_estimators_coordinates(tmp_path):
+    """Anchor.displacement maps a real fine-tune's theta - theta* to u = P^T (theta - theta*): the
+    w of the same first-order effect. |u| is about |theta - theta*| (JL), while lifting a w gives
+    |P w| ~ sqrt(D/d) |w|: fitted and real updates compare by |w| against |u|. The first-order
+    model at u explains most of what a few real AdamW steps did to f."""
+    import numpy as np
+    import polars as pl
+
+    from engine.features import objective
+    from engine.models.anchor import Anchor
+
+    frame, featurized = _anchor_store(tmp_path, rows=24)
+    G = torch.tensor(featurized.vectors, dtype=torch.float64)
+    f = torch.tensor(featurized.rows["f"].to_numpy(), dtype=torch.float64)
+    anchor = Anchor(tmp_path, threads=1)
+    encoded = anchor.encode(frame.filter(pl.col("id").is_in(featurized.rows["id"].to_list())))
+    D = sum(anchor.featurizer.projector.sizes.values())
+    w = torch.randn(G.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert anchor.load(w) / float(w.norm()) == pytest.approx((D / G.shape[1]) ** 0.5, rel=0.1)
+    anchor.reset()
+    assert anchor.displacement().norm == 0
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(anchor.trainable(), lr=1e-3, weight_decay=0.0)
+    objective.train_steps(anchor.featurizer.score, optimizer, encoded, 3, 8, anchor.pad, np.random.default_rng(0))
+    moved = anchor.displacement()
+    assert 0 < moved.projected_norm < moved.norm  # A moved too, outside the projected factors
+    assert float(moved.projected.norm()) == pytest.approx(moved.projected_norm, rel=0.5)
+    f_real = anchor.scores(encoded).double()
+    first_order = f + G @ moved.projected
+    assert float(((first_order - f_real) ** 2).mean()) < 0.3 * float(((f - f_real) ** 2).mean())

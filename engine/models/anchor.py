@@ -9,6 +9,7 @@ scoring and calibration all lift through `load`, never through the projector dir
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -19,6 +20,15 @@ from engine.config import GradsConfig
 from engine.errors import SiftError
 from engine.features import answers, objective
 from engine.features.grads import Factors, GradFeaturizer
+
+
+@dataclass
+class Displacement:
+    """theta - theta* of the LoRA weights (Anchor.displacement)."""
+
+    projected: torch.Tensor  # (d,) u = P^T (theta - theta*) over the projected factors
+    norm: float  # |theta - theta*| over every LoRA factor
+    projected_norm: float  # |theta - theta*| over the projected factors only
 
 
 class Anchor:
@@ -55,6 +65,21 @@ class Anchor:
             for name, delta in lifted.items():
                 self.params[name].add_(delta.view_as(self.params[name]))
         return float(sum(v.norm() ** 2 for v in lifted.values()) ** 0.5)
+
+    def displacement(self) -> "Displacement":
+        """How far the LoRA weights are from theta* now (e.g. after a real fine-tune), in the
+        estimator's coordinates: u = P^T (theta - theta*) over the projected factors, the w whose
+        first-order effect g . P w = (P^T g) . u matches the real update's g . (theta - theta*)
+        (E[P P^T] = I for P's +-1/sqrt(d) entries), and the norms in parameter space. Note
+        |u| ~ |theta - theta*| while a lifted |P w| ~ sqrt(D/d) |w|: a fitted w and a real update
+        are compared by |w| against |u|, never |P w| against |theta - theta*|."""
+        names = list(self.featurizer.projector.sizes)
+        with torch.no_grad():
+            delta = {n: (p.detach() - self.theta[n]).float() for n, p in self.lora.items()}
+            u = self.featurizer.projector.project({n: delta[n].reshape(1, -1) for n in names})[0]
+            squared = {n: float(v.norm() ** 2) for n, v in delta.items()}
+        return Displacement(u.double().cpu(), sum(squared.values()) ** 0.5,
+                            sum(v for n, v in squared.items() if n in names) ** 0.5)
 
     def reset(self) -> None:
         """Every LoRA factor back to theta*."""

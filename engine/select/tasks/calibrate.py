@@ -58,6 +58,8 @@ class FineTune:
     train_loss: list[float]  # every optimizer step's cross-entropy
     train_rows: int
     seconds: float
+    update: list[float]  # u = P^T (theta - theta*): the real update in the estimator's coordinates
+    update_norm: float  # |theta - theta*| over every LoRA factor
 
 
 @dataclass
@@ -77,6 +79,14 @@ class Calibration:
     constant_as_good: bool  # the constant's relative error is at most the estimator's
     real_loss_spread: float  # max - min of the real losses: how much the subsets differ at all
     fine_tunes_lowering_target_loss: int  # curves whose last point is below their first
+    # The update sizes side by side: |w| of each estimate, |u| = |P^T (theta - theta*)| and
+    # |theta - theta*| of the real fine-tunes, and the first-order model evaluated at the real
+    # update u (f*_val + G_val . u): how well first order can do at the size of a real fine-tune.
+    estimated_update_norm: list[float]
+    real_update_norm: list[float]
+    real_projected_update_norm: list[float]
+    linearised_real_loss: list[float]
+    real_updates: list[list[float]]  # u of every real fine-tune, for offline analysis
     curves: list[dict]
     approximation: list[Approximation]
     lifted_factors: int
@@ -132,8 +142,9 @@ def fine_tune(trial: dict) -> None:
         steps.append(steps[-1] + k)
         curve.append(target_loss())
     accuracy, macro_f1 = subsets.forward_label_metrics(anchor, rows, trial["labels"])
+    moved = anchor.displacement()
     result = FineTune(curve[-1], accuracy, macro_f1, steps, curve, losses, len(train),
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, moved.projected.tolist(), moved.norm)
     tune.report({"result": json.dumps(asdict(result))})
 
 
@@ -177,6 +188,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     est = replace(est, subsets=est.subsets[kept], loss=est.loss[kept], accuracy=est.accuracy[kept],
                   macro_f1=est.macro_f1[kept])
     real = np.array([r.loss for r in runs])
+    W = subsets.fit_weights(data, cfg.target, chosen, candidates, fitting)
+    U = torch.tensor([r.update for r in runs], dtype=data.G.dtype)
+    linearised_real = torch.nn.functional.softplus(-(data.f[evaluation] + U @ data.G[evaluation].T)).mean(1)
     anchor_loss = float(torch.nn.functional.softplus(-data.f[evaluation]).mean())
     relative = float(np.mean((real - est.loss) ** 2 / real ** 2))
     constant = float(np.mean((real - anchor_loss) ** 2 / real ** 2))
@@ -202,6 +216,9 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         spearman=float(spearmanr(est.loss, real).statistic) if len(real) > 2 else None,
         anchor_loss=anchor_loss, constant_mean_squared_relative_error=constant, constant_as_good=constant <= relative,
         real_loss_spread=float(real.max() - real.min()), fine_tunes_lowering_target_loss=lowering,
+        estimated_update_norm=W.norm(dim=1).tolist(), real_update_norm=[r.update_norm for r in runs],
+        real_projected_update_norm=U.norm(dim=1).tolist(), linearised_real_loss=linearised_real.tolist(),
+        real_updates=[r.update for r in runs],
         curves=[{"steps": r.curve_steps, "target_loss": r.curve_target_loss, "train_loss": r.train_loss,
                  "train_rows": r.train_rows, "seconds": round(r.seconds, 1)} for r in runs],
         approximation=approximation, lifted_factors=len(anchor.params),

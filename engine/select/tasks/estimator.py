@@ -39,11 +39,13 @@ def _objective(G, f, M, counts, W, lam):
     return (M * torch.nn.functional.softplus(-z)).sum(1) / counts + lam * (W * W).sum(1)
 
 
-def fit_subsets(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, lam: float = 1e-3,
-                max_newton: int = 30, max_cg: int = 50, tol: float = 1e-6) -> Fit:
-    """w for every subset: G (n, d) projected gradients, f (n,) anchor outputs, masks (S, n) bool."""
-    if lam <= 0:
-        raise SiftError(f"lambda must be > 0 (it keeps the fit well-posed), got {lam}")
+def fit_subsets(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, lam: float | torch.Tensor = 1e-3,
+                max_newton: int = 30, max_cg: int = 50, tol: float = 1e-6, start: torch.Tensor | None = None) -> Fit:
+    """w for every subset: G (n, d) projected gradients, f (n,) anchor outputs, masks (S, n) bool;
+    `lam` one value or one per subset (S,); `start` (S, d) a warm start (default w = 0)."""
+    lam = torch.as_tensor(lam, dtype=G.dtype)
+    if (lam <= 0).any():
+        raise SiftError(f"lambda must be > 0 (it keeps the fit well-posed), got {lam.min().item()}")
     if not (torch.isfinite(G).all() and torch.isfinite(f).all()):
         raise SiftError("gradient features contain NaN or infinite values; rebuild the store")
     M = masks.to(G.dtype)
@@ -51,13 +53,14 @@ def fit_subsets(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, lam: floa
     if (counts == 0).any():
         raise SiftError(f"{int((counts == 0).sum())} subset(s) hold no training rows")
     S, d = M.shape[0], G.shape[1]
-    W = torch.zeros(S, d, dtype=G.dtype)
+    lam = lam.expand(S)
+    W = torch.zeros(S, d, dtype=G.dtype) if start is None else start.to(G.dtype).clone()
     done = torch.zeros(S, dtype=torch.bool)
     grad_norm = torch.full((S,), float("inf"), dtype=G.dtype)
     for iteration in range(1, max_newton + 1):
         z = f + W @ G.T
         p = torch.sigmoid(-z)  # -(d/dz) softplus(-z)
-        grad = -((M * p) @ G) / counts[:, None] + 2 * lam * W
+        grad = -((M * p) @ G) / counts[:, None] + 2 * lam[:, None] * W
         grad_norm = grad.norm(dim=1)
         done = grad_norm <= tol * (1 + W.norm(dim=1))
         if done.all():
@@ -65,12 +68,63 @@ def fit_subsets(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, lam: floa
         h = M * p * (1 - p) / counts[:, None]  # curvature weights (S, n)
 
         def hvp(V: torch.Tensor) -> torch.Tensor:
-            return (h * (V @ G.T)) @ G + 2 * lam * V
+            return (h * (V @ G.T)) @ G + 2 * lam[:, None] * V
 
         step = _batched_cg(hvp, grad, max_cg, tol=1e-10)
         step[done] = 0
         W = _line_search(G, f, M, counts, W, step, grad, lam)
     return Fit(W, iteration, grad_norm, done)
+
+
+def fit_within(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, radius: float, lam: float = 1e-3,
+               rtol: float = 1e-3, max_bisections: int = 60) -> Fit:
+    """w for every subset, its norm held to |w| <= radius (a trust region): the regularised fit
+    where it lies inside, else the fit with the larger lambda_s that puts it on the sphere
+    (|w(lambda)| falls as lambda grows, so a bisection on log lambda_s per subset finds it).
+
+    Why: a real fine-tune of a fixed budget (steps x lr, AdamW) moves theta by about the same
+    |theta - theta*| whatever its data, far less than the converged fit, which sends g . w of
+    every training row towards +infinity and promises far more than such a fine-tune delivers.
+    The radius is in the estimator's coordinates: u = P^T (theta - theta*) has |u| ~
+    |theta - theta*| (`Anchor.displacement`, measured by `sift estimate --calibrate`). As the
+    radius shrinks, w turns to the direction of the loss's steepest descent at w = 0."""
+    if radius <= 0:
+        raise SiftError(f"the update radius must be > 0, got {radius}")
+    fit = fit_subsets(G, f, masks, lam)
+    outside = fit.w.norm(dim=1) > radius * (1 + rtol)
+    if not outside.any():
+        return fit
+    inner = masks[outside]
+    M = inner.to(G.dtype)
+    slope = ((M * torch.sigmoid(-f)) @ G).norm(dim=1) / M.sum(1)  # |grad L_S(0)|
+    # |w(lambda)| <= |grad L_S(0)| / (2 lambda) (2 lambda-strong convexity): the sphere lies below hi.
+    lo = torch.full((len(M),), float(np.log(lam)), dtype=G.dtype)
+    hi = torch.maximum(lo, (slope / (2 * radius)).log()) + 1e-9
+    best = fit_subsets(G, f, inner, hi.exp(), start=fit.w[outside])  # per subset, the latest fit inside
+    # psi(t) = log |w(e^t)| - log radius falls from > 0 at lo to <= 0 at hi: false position with the
+    # Illinois halving (the side kept twice in a row has its psi halved) finds its root in a few fits.
+    psi_lo = fit.w[outside].norm(dim=1).log() - np.log(radius)
+    psi_hi = best.w.norm(dim=1).clamp_min(1e-300).log() - np.log(radius)
+    kept = torch.zeros(len(M), dtype=torch.long)  # +1: lo moved last, -1: hi moved last
+    last = best
+    for _ in range(max_bisections):
+        if (best.w.norm(dim=1) >= radius * (1 - rtol)).all() or (hi - lo).max() < 1e-12:
+            break
+        t = (lo * psi_hi - hi * psi_lo) / (psi_hi - psi_lo)
+        t = torch.where(torch.isfinite(t) & (t > lo) & (t < hi), t, (lo + hi) / 2)
+        last = fit_subsets(G, f, inner, t.exp(), start=last.w)
+        psi = last.w.norm(dim=1).clamp_min(1e-300).log() - np.log(radius)
+        big = psi > 0
+        psi_hi = torch.where(big & (kept == 1), psi_hi / 2, psi_hi)
+        psi_lo = torch.where(~big & (kept == -1), psi_lo / 2, psi_lo)
+        lo, psi_lo = torch.where(big, t, lo), torch.where(big, psi, psi_lo)
+        hi, psi_hi = torch.where(big, hi, t), torch.where(big, psi_hi, psi)
+        kept = torch.where(big, torch.ones_like(kept), -torch.ones_like(kept))
+        best = Fit(torch.where(big[:, None], best.w, last.w), max(best.iterations, last.iterations),
+                   torch.where(big, best.grad_norm, last.grad_norm), torch.where(big, best.converged, last.converged))
+    w, grad_norm, converged = fit.w.clone(), fit.grad_norm.clone(), fit.converged.clone()
+    w[outside], grad_norm[outside], converged[outside] = best.w, best.grad_norm, best.converged
+    return Fit(w, max(fit.iterations, best.iterations), grad_norm, converged)
 
 
 def _batched_cg(hvp, B: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
@@ -145,9 +199,11 @@ def gradex_fit(G: torch.Tensor, masks: torch.Tensor, C: float = 1e-4, norm: floa
 
 @dataclass
 class Fitting:
-    """How a subset's w is fitted: the offset logistic model (`lam`), or the EMNLP code's GradEx
-    variant (f* = 0, sklearn's C); optionally every update rescaled to |P w| = update_norm x the
-    anchor adapter's norm (the EMNLP code used 0.02-0.5), which needs the store's P^T P."""
+    """How a subset's w is fitted: the offset logistic model (`lam`), held to |w| <= `radius`
+    when one is given (the size of the real fine-tune it stands for: `fit_within`), or the EMNLP
+    code's GradEx variant (f* = 0, sklearn's C); optionally every update rescaled to
+    |P w| = update_norm x the anchor adapter's norm (the EMNLP code used 0.02-0.5), which needs
+    the store's P^T P."""
 
     lam: float = 1e-3
     method: Literal["logistic", "gradex"] = "logistic"
@@ -155,11 +211,17 @@ class Fitting:
     update_norm: float | None = None
     gram: torch.Tensor | None = None  # P^T P (d, d)
     anchor_norm: float | None = None
+    radius: float | None = None
 
     def solve(self, G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """(S, d) w for masks (S, n) of training rows."""
+        if self.radius is not None and (self.method != "logistic" or self.update_norm is not None):
+            raise SiftError("the update radius holds the logistic fit's |w|; it goes with neither "
+                            "method=gradex nor update_norm")
         if self.method == "gradex":
             W = gradex_fit(G, masks, C=self.gradex_c)
+        elif self.radius is not None:
+            W = fit_within(G, f, masks, self.radius, lam=self.lam).w
         else:
             W = fit_subsets(G, f, masks, lam=self.lam).w
         if self.update_norm is None:

@@ -275,7 +275,7 @@ def fitting(grads: str | Path, lam: float, fit) -> Fitting:
     """The estimator's fit settings (an EstimatorFit config) for a gradient store; the norm
     rescaling reads the store's projection (P^T P) and anchor norm."""
     if fit.update_norm is None:
-        return Fitting(lam, fit.method, fit.gradex_c)
+        return Fitting(lam, fit.method, fit.gradex_c, radius=fit.radius)
     from engine import storage
     from engine.features.grads import Factors
     from engine.features.projection import Projector
@@ -283,7 +283,7 @@ def fitting(grads: str | Path, lam: float, fit) -> Fitting:
     factors = Factors.read(grads)
     settings = storage.read_json(storage.join(grads, "config.json"))
     gram = Projector(factors.projected, settings["dim"], settings["seed"], cache_mb=0).gram()
-    return Fitting(lam, fit.method, fit.gradex_c, fit.update_norm, gram, factors.anchor_norm)
+    return Fitting(lam, fit.method, fit.gradex_c, fit.update_norm, gram, factors.anchor_norm, fit.radius)
 
 
 def target_rows(data: TaskGradients, examples: pl.DataFrame, targets: list[str]) -> pl.DataFrame:
