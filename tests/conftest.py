@@ -29,6 +29,33 @@ def ray_session(request):
     runtime.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def early_servers(request, tmp_path_factory):
+    """The `sift serve` processes this session's test modules will use, started before the first
+    test: each takes 20-40 s to come up (its own Ray and Ray Serve, the model or the vLLM engine),
+    mostly spent in its own processes, so they come up while other tests run. A module opts in
+    with a `server_for(tiny_manifest, log) -> ServerProcess | None` function and takes its server,
+    ready, from the `early_server` fixture; each is stopped when its module ends."""
+    modules = {item.module.__name__: item.module for item in request.session.items}
+    servers = {}
+    for name, module in sorted(modules.items()):
+        if hasattr(module, "server_for"):
+            server = module.server_for(request.getfixturevalue("tiny_manifest"),
+                                       tmp_path_factory.mktemp("server") / "server.log")
+            if server is not None:
+                servers[name] = server.start()
+    yield servers
+    for server in servers.values():
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def early_server(early_servers, request):
+    """This module's server from `early_servers`, once it answers /health."""
+    with early_servers[request.module.__name__] as server:
+        yield server
+
+
 S3_BUCKET = "sift-test"
 
 

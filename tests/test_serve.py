@@ -19,11 +19,14 @@ ANIMAL_PLANT = ["A small furry animal that climbs trees.", "A tall plant with ye
 LAW_POLITICS = ["The court ruled the contract void.", "Voters elected a new senate."]
 
 
+def server_for(tiny_manifest, log) -> ServerProcess:
+    """This module's server: conftest's `early_servers` starts it before the session's first test."""
+    return ServerProcess(tiny_manifest, "peft", log=log, ready_s=180)
+
+
 @pytest.fixture(scope="module")
-def server(tiny_manifest, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with ServerProcess(tiny_manifest, "peft", log=log, ready_s=180) as srv:
-        yield srv
+def server(early_server):
+    return early_server
 
 
 def _greedy(reference, adapter, text, steps):

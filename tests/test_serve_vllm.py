@@ -24,8 +24,9 @@ from engine.ensemble import labels
 from engine.serve.client import ROOT, ServerProcess, get, post
 
 VLLM_PYTHON = os.environ.get("SIFT_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+AVAILABLE = Path(VLLM_PYTHON).is_file() or os.sep not in VLLM_PYTHON
 pytestmark = pytest.mark.skipif(
-    not (Path(VLLM_PYTHON).is_file() or os.sep not in VLLM_PYTHON),
+    not AVAILABLE,
     reason=f"no vLLM python at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (`make test` and CI do)")
 
 TEXTS = {
@@ -38,12 +39,18 @@ TEXTS = {
 TOLERANCE = 1e-4
 
 
+def server_for(tiny_manifest, log) -> ServerProcess | None:
+    """This module's server: conftest's `early_servers` starts it before the session's first test
+    (the vLLM engine takes ~40 s to come up), unless there is no vLLM to run."""
+    if not AVAILABLE:
+        return None
+    return ServerProcess(tiny_manifest, "vllm", python=VLLM_PYTHON, log=log, ready_s=300,
+                         extra=["--set", "dtype=float32"])
+
+
 @pytest.fixture(scope="module")
-def vllm_server(tiny_manifest, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve-vllm") / "server.log"
-    with ServerProcess(tiny_manifest, "vllm", python=VLLM_PYTHON, log=log, ready_s=300,
-                       extra=["--set", "dtype=float32"]) as srv:
-        yield srv
+def vllm_server(early_server):
+    return early_server
 
 
 def _reference_logprobs(reference, task, texts):

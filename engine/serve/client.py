@@ -60,7 +60,8 @@ def get(url: str, path: str, **kwargs) -> tuple[int, dict]:
 
 class ServerProcess:
     """`sift serve MANIFEST --backend B --port P` under `python` (default: this interpreter), in
-    its own process group; started and ready on __enter__, interrupted (Ctrl-C) on __exit__."""
+    its own process group; started on `start()` (or __enter__), ready on __enter__, interrupted
+    (Ctrl-C) on __exit__. Starting apart from waiting lets a caller bring several up at once."""
 
     def __init__(self, manifest: str | Path, backend: str, python: str | None = None, port: int | None = None,
                  extra: list[str] | None = None, log: str | Path | None = None, ready_s: float = 300.0,
@@ -73,14 +74,21 @@ class ServerProcess:
         self.ready_s = ready_s
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
+        self.started = 0.0
 
-    def __enter__(self) -> "ServerProcess":
+    def start(self) -> "ServerProcess":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                **self.env}
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + self.ready_s
+        self.started = time.monotonic()
+        return self
+
+    def __enter__(self) -> "ServerProcess":
+        if self.proc is None:
+            self.start()
+        deadline = self.started + self.ready_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready: {self.tail()}")
