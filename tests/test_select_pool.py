@@ -208,23 +208,92 @@ def test_c_transform_matches_sinkhorn_potential_on_the_support():
     assert np.array_equal(np.argsort(grad), np.argsort(g))  # monotone: same ranking
 
 
-def test_domain_test_keeps_the_closest_sources(tmp_path, ray_session):
+def _domain_reference(store, target: np.ndarray, cfg: SelectPoolConfig) -> tuple[np.ndarray, dict]:
+    """The domain test over the whole task column and every vector at once: what select-pool
+    computed before it read the store shard by shard."""
+    tasks = store.rows()["task"].fill_null("(none)").to_numpy()
+    vectors = np.asarray(store.vectors())
+    rng = np.random.default_rng(cfg.seed)
+    target_sample = target[rng.choice(len(target), size=min(len(target), cfg.domain_sample), replace=False)]
+    costs = {}
+    for name in sorted(set(tasks)):
+        members = np.flatnonzero(tasks == name)
+        picked = np.sort(rng.choice(members, size=min(len(members), cfg.domain_sample), replace=False))
+        costs[name] = ot.ot_cost(vectors[picked], target_sample, cfg.eps, cfg.threshold, cfg.max_iter).cost
+    kept = sorted(costs, key=costs.get)[: cfg.domain_keep]
+    return np.flatnonzero(np.isin(tasks, kept)), costs
+
+
+def test_domain_test_keeps_the_closest_sources(tmp_path, ray_session, monkeypatch):
+    """The domain test reads the store's task column shard by shard (issue 13): over ten shards
+    with the sources interleaved, it draws the same samples, finds the same OT costs and keeps the
+    same rows as over the whole column at once, and the far source is never selected."""
+    from engine.select.pool import gotd, inputs
+    from engine.select.pool.inputs import _store_from_parquet
+
+    monkeypatch.setattr(inputs, "PRECOMPUTED_SHARD_ROWS", 64)
     rng = np.random.default_rng(10)
     centers = {"near": np.zeros(6), "mid": np.full(6, 1.0), "far": np.full(6, 3.0)}
     frames = [pl.DataFrame({"id": [f"{name}{i}" for i in range(200)], "task": [name] * 200,
                             "embedding": _blobs(rng, 200, c).astype(np.float32).tolist()})
               for name, c in centers.items()]
-    pl.concat(frames).write_parquet(tmp_path / "pool.parquet")
-    # precomputed parquet keeps only id + embedding; give the store its sources through a text-free store
-    from engine.select.pool.inputs import _store_from_parquet
-    store = _store_from_parquet(tmp_path / "pool.parquet", tmp_path / "store")
-    tasks = pl.concat(frames)["task"]
+    pool = pl.concat(frames).sample(fraction=1.0, shuffle=True, seed=1)  # sources interleaved across shards
+    pool.write_parquet(tmp_path / "pool.parquet")
+    # precomputed parquet keeps only id + embedding; give the store its sources through its rows files
+    store = _store_from_parquet(str(tmp_path / "pool.parquet"), [str(tmp_path / "pool.parquet")],
+                                str(tmp_path / "store"))
+    task_of = dict(zip(pool["id"], pool["task"]))
     for k in range(store.spec.num_shards):
         path = Path(store.root) / "shards" / f"{k:05d}.parquet"
-        pl.read_parquet(path).with_columns(task=tasks).write_parquet(path)
-    target = _write(tmp_path / "t.parquet", _blobs(rng, 50, np.full(6, 0.3)), "t")
-    report = select_pool(_cfg(tmp_path, str(store.root), target, 50, domain_keep=2, domain_sample=100))
+        rows = pl.read_parquet(path)
+        rows.with_columns(task=pl.Series([task_of[i] for i in rows["id"]])).write_parquet(path)
+    assert store.spec.num_shards == 10
+    target_vectors = _blobs(rng, 50, np.full(6, 0.3))
+    target = _write(tmp_path / "t.parquet", target_vectors, "t")
+    cfg = _cfg(tmp_path, str(store.root), target, 50, domain_keep=2, domain_sample=100)
+    report = select_pool(cfg)
     assert report["details"]["domains"]["kept"] == ["near", "mid"]
     scores = pl.read_parquet(tmp_path / "out" / "scores.parquet")
     assert scores.filter(pl.col("task") == "far")["selected"].sum() == 0
     assert report["counts"]["scored"] == 600
+
+    eligible, domains = gotd.domain_test(store, target_vectors.astype(np.float32), cfg)
+    expected_rows, expected_costs = _domain_reference(store, target_vectors.astype(np.float32), cfg)
+    assert np.array_equal(eligible, expected_rows) and domains["ot_cost"] == expected_costs
+    assert domains["ot_cost"] == report["details"]["domains"]["ot_cost"]
+
+
+def test_dsir_streamed_batch_by_batch_scores_as_over_the_whole_pool(tmp_path, ray_session, monkeypatch):
+    """DSIR reads the texts a parquet batch at a time, the pool twice (issue 13): with batches far
+    smaller than the pool, every score equals the formula over all texts at once (what it computed
+    before it streamed), so the selection is the same; and it still leans to the target's corpus."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from engine.data import corpora
+    from engine.select.pool import inputs
+
+    monkeypatch.setattr(inputs, "ROW_BATCH", 64)
+    pl.concat([corpora.load("tweets").sample(300, seed=0), corpora.load("wordnet").sample(300, seed=0)]).write_parquet(
+        tmp_path / "pool.parquet")
+    corpora.load("wordnet").sample(50, seed=9).write_parquet(tmp_path / "target.parquet")
+    cfg = _cfg(tmp_path, str(tmp_path / "pool.parquet"), str(tmp_path / "target.parquet"), 60, method="dsir")
+    report = select_pool(cfg)
+
+    examples = pl.read_parquet(tmp_path / "out" / "pool" / "ingest" / "examples.parquet")
+    target = pl.read_parquet(tmp_path / "out" / "target" / "ingest" / "examples.parquet")
+    assert examples.height > 8 * 64
+    vectorizer = HashingVectorizer(n_features=cfg.dsir_buckets, ngram_range=(1, 2), alternate_sign=False, norm=None,
+                                   lowercase=True)
+    pool_counts, target_counts = (vectorizer.transform(f["text"].to_list()) for f in (examples, target))
+
+    def log_p(counts) -> np.ndarray:
+        smoothed = np.asarray(counts.sum(axis=0)).ravel() + 1.0
+        return np.log(smoothed / smoothed.sum())
+
+    gumbel = -np.log(-np.log(np.random.default_rng(cfg.seed).uniform(1e-12, 1.0, examples.height)))
+    expected = np.asarray(pool_counts @ (log_p(target_counts) - log_p(pool_counts))).ravel() + gumbel
+    scores = examples.select("id").join(pl.read_parquet(tmp_path / "out" / "scores.parquet"), on="id",
+                                        maintain_order="left")
+    assert np.allclose(scores["score"].to_numpy(), expected, rtol=0, atol=1e-9)
+    assert set(scores.filter(pl.col("selected"))["id"]) == set(examples["id"].gather(np.argsort(-expected)[:60]))
+    assert report["selected_by_task"].get("wordnet", 0) >= 50, report["selected_by_task"]

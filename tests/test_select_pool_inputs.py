@@ -74,9 +74,11 @@ def test_pool_and_target_from_different_encoders_are_refused(tmp_path, ray_sessi
 
 def test_pool_passes_shard_by_shard_give_the_same_outputs(tmp_path, ray_session, monkeypatch):
     """select-pool reads the pool a batch at a time and writes scores.parquet from sorted runs
-    merged by rank ranges, so the driver never holds the pool's rows whole (issue 13); with runs,
-    merge steps, parquet batches and store shards far smaller than the pool every output is the
-    same as with one of each, and precomputed vectors never become Python lists."""
+    merged by rank ranges, so the driver never holds the pool's rows whole (issue 13); precomputed
+    ids are checked for repeats one hash bucket at a time. With runs, merge steps, parquet batches,
+    id buckets and store shards far smaller than the pool every output is the same as with one of
+    each, and precomputed vectors never become Python lists."""
+    from engine.data import ingest
     from engine.select.pool import inputs, select
 
     rng = np.random.default_rng(11)
@@ -98,6 +100,7 @@ def test_pool_passes_shard_by_shard_give_the_same_outputs(tmp_path, ray_session,
     monkeypatch.setattr(select, "MERGE_ROWS", 500)
     monkeypatch.setattr(inputs, "ROW_BATCH", 256)
     monkeypatch.setattr(inputs, "PRECOMPUTED_SHARD_ROWS", 700)
+    monkeypatch.setattr(ingest, "BUCKET_ROWS", 500)  # 2,897 good rows: 6 buckets of ids
     to_list = pl.Series.to_list
 
     def no_vector_lists(series, *args, **kwargs):
@@ -146,3 +149,65 @@ def test_a_pool_of_many_shards_maps_a_bounded_number_of_them(tmp_path, monkeypat
     whole = np.asarray(view)
     assert maps() - before < 40  # 300 shards, 16 kept mapped
     assert np.array_equal(picked, vectors[np.arange(1199, -1, -7)]) and np.array_equal(whole, vectors)
+
+
+def test_a_text_pool_on_s3_reruns_skipping_its_ingest_and_embed(tmp_path, s3_dir, ray_session):
+    """Texts on S3 in, every output on S3 (issue 12): select-pool ingests and embeds each side
+    through the executor, with done markers under OUT/pool and OUT/target on S3. A rerun after a
+    changed budget skips those stages (their markers untouched) and scores the same; a changed
+    pool file redoes the pool's stages (replacing its stale store) and only those. The stores and
+    ingest folders it left on S3 are inputs in their own right."""
+    from engine import executor, storage
+    from engine.data import corpora
+    from engine.stages import STAGES
+
+    stage = STAGES["select-pool"]
+    texts = pl.concat([corpora.load("tweets").sample(80, seed=0), corpora.load("wordnet").sample(80, seed=1)])
+    texts.write_parquet(tmp_path / "pool.parquet")
+    corpora.load("wordnet").sample(20, seed=9).write_parquet(tmp_path / "target.parquet")
+    storage.upload(tmp_path / "pool.parquet", f"{s3_dir}/pool/texts.parquet")
+    storage.upload(tmp_path / "target.parquet", f"{s3_dir}/target.parquet")
+    out = f"{s3_dir}/out"
+    cfg = SelectPoolConfig(pool=f"{s3_dir}/pool", target=f"{s3_dir}/target.parquet", budget=20, encoder="tiny-llama",
+                           out=out)
+    derived = [f"{out}/{role}/{name}" for role in ("pool", "target") for name in ("ingest", "embeddings")]
+
+    def markers() -> dict[str, str]:
+        return {uri: storage.stamp(f"{uri}/{executor.MARKER}") for uri in derived}
+
+    def report() -> dict:
+        return storage.read_json(f"{out}/report.json")
+
+    def ranked() -> pl.DataFrame:
+        return storage.read_parquet(f"{out}/scores.parquet", columns=["id", "score", "rank"])
+
+    assert executor.run(stage, cfg).status == "ran"
+    ran = {"ingest": "ran", "embed": "ran"}
+    skipped = {"ingest": "skipped (done)", "embed": "skipped (done)"}
+    assert report()["derived"] == {"pool": ran, "target": ran}
+    assert [executor.read_marker(uri).stage for uri in derived] == ["ingest", "embed"] * 2
+    first, first_scores = markers(), ranked()
+    selected = storage.read_parquet(f"{out}/selected.parquet")
+    assert selected.height == 20 and {"id", "text", "task", "rank", "score"} <= set(selected.columns)
+    assert executor.run(stage, cfg).status == "skipped (done)"
+
+    assert executor.run(stage, cfg.model_copy(update={"budget": 10})).status == "ran"
+    assert report()["derived"] == {"pool": skipped, "target": skipped}
+    assert markers() == first and ranked().equals(first_scores)
+
+    texts.head(120).write_parquet(tmp_path / "pool.parquet")
+    storage.upload(tmp_path / "pool.parquet", f"{s3_dir}/pool/texts.parquet")
+    assert executor.run(stage, cfg.model_copy(update={"budget": 10})).status == "ran"
+    assert report()["derived"] == {"pool": ran, "target": skipped}
+    assert report()["counts"]["rows_in"] == 120 and FeatureStore(f"{out}/pool/embeddings").spec.rows == 120
+    now = markers()
+    assert [now[uri] == first[uri] for uri in derived] == [False, False, True, True]
+
+    again = SelectPoolConfig(pool=f"{out}/pool/embeddings", target=f"{out}/target/embeddings", budget=10,
+                             out=f"{s3_dir}/from-store")
+    assert executor.run(stage, again).result.selected == 10
+    assert storage.read_json(f"{s3_dir}/from-store/report.json")["derived"] == {"pool": {}, "target": {}}
+    dsir = SelectPoolConfig(pool=f"{out}/pool/ingest", target=f"{out}/target/ingest", budget=10, method="dsir",
+                            out=f"{s3_dir}/from-ingest")
+    assert executor.run(stage, dsir).result.selected == 10
+    assert storage.read_parquet(f"{s3_dir}/from-ingest/selected.parquet")["text"].null_count() == 0

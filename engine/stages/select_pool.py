@@ -53,5 +53,9 @@ def arguments(p) -> None:
     p.add_argument("--variant", choices=["clean", "contrast"])
 
 
+# native_storage: pool, target and OUT are read and written where they lie (texts, stores and
+# outputs on s3:// included), and what select-pool derives from texts stays under OUT with its
+# own done markers (engine.select.pool.inputs), so a rerun after another setting changed skips it.
 STAGE = Stage("select-pool", "choose the candidates of a pool closest to a target (GOT-D)", SelectPoolConfig,
-              SelectPoolResult, run, show, arguments, inputs=("pool", "target", "pool_grads", "target_grads"))
+              SelectPoolResult, run, show, arguments, inputs=("pool", "target", "pool_grads", "target_grads"),
+              native_storage=True)

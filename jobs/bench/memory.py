@@ -1,9 +1,18 @@
 """Driver memory as the data grows (issue 13): peak RSS of the driver process of `select-pool`
-(GOT-D over a synthetic 384-d embedding store) and of `ingest` (short jsonl rows) at two sizes,
-and the ratio large/small (flat means <= 1.3). Prints one JSON object.
+and of `ingest` at two sizes, and the ratio large/small (flat means <= 1.3). Prints one JSON object.
+
+Kinds: `select` (GOT-D over a synthetic 384-d embedding store), `domain` (the same with the
+domain test: keep the 8 of 32 sources closest to the target), `dsir` (DSIR over an ingest folder
+of short texts), `ingest` (short jsonl rows), `estimator` (`subsets.load` of a synthetic 400-d
+gradient store, then one batched fit of ESTIMATOR_SUBSETS subsets: how `select-tasks`, `group`
+and `estimate` begin; no Ray). The estimator's fit reads every training and validation row (see
+`load` in engine/select/tasks/subsets.py), so its gradients (`gradients_mb`) grow with the rows by
+necessity; what must stay flat is the peak beyond them (`beyond_gradients_mb` and its ratio).
 
     python jobs/bench/memory.py                                   # 1M and 4M, this checkout
     python jobs/bench/memory.py --sizes 500000,2000000 --roots /tmp/old-checkout,.
+    python jobs/bench/memory.py --kinds domain,dsir --data /tmp/membench   # data kept for the next run
+    python jobs/bench/memory.py --kinds estimator --sizes 100000,200000,400000 --roots /tmp/old-checkout,.
 
 Each measurement is a fresh child process (`--child`) with its own embedded Ray, importing
 `engine` from the checkout given in --roots (so an older commit, e.g. `git worktree add
@@ -35,6 +44,11 @@ SHARD_ROWS = 65_536
 TARGET_ROWS = 500
 BUDGET = 10_000
 INGEST_FILES = 8
+DOMAIN_KEEP = 8
+GRADS_DIM = 400  # GradsConfig's default projection
+GRADS_SHARD_ROWS = 1024  # FeaturizeConfig's default
+GRADS_TASKS = 8
+ESTIMATOR_SUBSETS = 32
 
 
 def write_store(root: Path, rows: int, seed: int, prefix: str) -> None:
@@ -72,14 +86,79 @@ def write_jsonl(folder: Path, rows: int) -> None:
                 out.write(json.dumps({"id": f"r{key}", "text": text, "task": f"t{i % 5}", "label": "pos"}) + "\n")
 
 
-def prepare(data: Path, rows: int) -> dict[str, Path]:
-    paths = {"pool": data / f"pool-{rows}", "target": data / "target", "ingest": data / f"ingest-{rows}"}
-    if not (paths["pool"] / "manifest.json").is_file():
+def write_texts(folder: Path, rows: int, seed: int, prefix: str) -> None:
+    """An ingest folder (examples.parquet, quarantine.parquet, summary.json) of short texts of 32
+    topics, written in row groups (never all rows as Python objects)."""
+    import numpy as np
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from engine.data.schema import QUARANTINE_SCHEMA, SCHEMA
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = pl.Series([f"w{i}" for i in range(400)])
+    rng = np.random.default_rng(seed)
+    with pq.ParquetWriter(folder / "examples.parquet", SCHEMA) as writer:
+        for start in range(0, rows, 1 << 18):
+            n = min(rows, start + (1 << 18)) - start
+            topic = rng.integers(0, 32, n)
+            picks = {f"w{j}": words.gather(rng.integers(0, 400, n)) for j in range(4)}
+            frame = pl.DataFrame({"i": pl.int_range(start, start + n, eager=True), "topic": topic, **picks}).select(
+                id=pl.format("{}{}", pl.lit(prefix), "i"),
+                text=pl.format("topic {} says {} {} {} {}", "topic", *picks),
+                task=pl.format("c{}", "topic"), label=pl.lit(None, pl.String), split=pl.lit(None, pl.String),
+                meta=pl.lit(None, pl.String))
+            writer.write_table(frame.to_arrow().cast(SCHEMA))
+    pq.write_table(QUARANTINE_SCHEMA.empty_table(), folder / "quarantine.parquet")
+    (folder / "summary.json").write_text(json.dumps({"out": str(folder), "rows_in": rows, "rows_out": rows,
+                                                     "rows_quarantined": 0}))
+
+
+def write_grads(root: Path, examples: Path, rows: int, seed: int = 3) -> None:
+    """A gradient store of GRADS_TASKS tasks (rows of a task share a mean direction) and its
+    examples file: 80% training, 10% validation, 10% test rows (test rows are in the store but
+    never in a fit), written shard by shard."""
+    import numpy as np
+    import polars as pl
+
+    from engine.features.store import FeatureStore, StoreSpec
+
+    spec = StoreSpec(kind="grads", fingerprint={"source": f"memory-bench-grads-{rows}-{seed}"}, dim=GRADS_DIM,
+                     dtype="float32", seed=0, rows=rows, shard_rows=GRADS_SHARD_ROWS)
+    store = FeatureStore.prepare(root, spec, force=True)
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(GRADS_TASKS, GRADS_DIM)).astype(np.float32) / np.float32(GRADS_DIM ** 0.5)
+    tasks = rng.integers(0, GRADS_TASKS, size=rows)
+    split = np.array(["train", "validation", "test"])[rng.choice(3, size=rows, p=[0.8, 0.1, 0.1])]
+    ids = [f"g{i}" for i in range(rows)]
+    names = [f"t{t}" for t in tasks]
+    for k in range(spec.num_shards):
+        start, stop = store.shard_range(k)
+        x = means[tasks[start:stop]] + rng.standard_normal((stop - start, GRADS_DIM), dtype=np.float32) * np.float32(0.05)
+        f = rng.normal(size=stop - start).astype(np.float32)
+        store.write_shard(k, pl.DataFrame({"id": ids[start:stop], "task": names[start:stop],
+                                           "label": ["yes"] * (stop - start), "f": f}), x,
+                          pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
+    pl.DataFrame({"id": ids, "text": "a short example", "task": names, "label": "yes", "split": split}) \
+        .write_parquet(examples)
+
+
+def prepare(data: Path, rows: int, kinds: list[str]) -> dict[str, Path]:
+    paths = {"pool": data / f"pool-{rows}", "target": data / "target", "ingest": data / f"ingest-{rows}",
+             "texts": data / f"texts-{rows}", "target_texts": data / "target-texts",
+             "grads": data / f"grads-{rows}", "examples": data / f"grads-{rows}-examples.parquet"}
+    if "estimator" in kinds and not paths["examples"].is_file():
+        write_grads(paths["grads"], paths["examples"], rows)
+    if {"select", "domain"} & set(kinds) and not (paths["pool"] / "manifest.json").is_file():
         write_store(paths["pool"], rows, seed=1, prefix="p")
     if not (paths["target"] / "manifest.json").is_file():
         write_store(paths["target"], TARGET_ROWS, seed=2, prefix="t")
-    if not paths["ingest"].is_dir():
+    if "ingest" in kinds and not paths["ingest"].is_dir():
         write_jsonl(paths["ingest"], rows)
+    if "dsir" in kinds and not (paths["texts"] / "summary.json").is_file():
+        write_texts(paths["texts"], rows, seed=1, prefix="p")
+    if "dsir" in kinds and not (paths["target_texts"] / "summary.json").is_file():
+        write_texts(paths["target_texts"], TARGET_ROWS, seed=2, prefix="t")
     return paths
 
 
@@ -119,7 +198,8 @@ def child(kind: str, source: str, target: str, out: str) -> None:
     from engine import runtime
     from engine.config import RuntimeConfig
 
-    runtime.start(RuntimeConfig(num_cpus=2))
+    if kind != "estimator":  # the estimator's driver reads and fits without Ray
+        runtime.start(RuntimeConfig(num_cpus=2))
     with StatusPeaks() as peaks:
         result, wall = _measured(kind, source, target, out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -131,12 +211,24 @@ def _measured(kind: str, source: str, target: str, out: str) -> tuple[dict, floa
     from engine.config import IngestConfig, SelectPoolConfig
 
     started = time.perf_counter()
-    if kind == "select":
+    if kind in ("select", "domain", "dsir"):
         from engine.select.pool.select import select_pool
 
+        method = {"method": "dsir"} if kind == "dsir" else {"domain_keep": DOMAIN_KEEP} if kind == "domain" else {}
         report = select_pool(SelectPoolConfig(pool=source, target=target, budget=BUDGET, out=out, support_size=2_000,
-                                              threshold=0.1))
-        result = {"scored": report["counts"]["scored"], "converged": report["details"]["converged"]}
+                                              threshold=0.1, **method))
+        result = {"scored": report["counts"]["scored"], "converged": report["details"].get("converged"),
+                  "kept": report["details"].get("domains", {}).get("kept")}
+    elif kind == "estimator":
+        from engine.select.tasks import subsets
+
+        data = subsets.load(source, target)
+        loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        load_s = time.perf_counter() - started
+        sets = subsets.random_subsets(len(data.tasks) - 1, ESTIMATOR_SUBSETS, 0.5, seed=0)
+        est = subsets.estimate(data, data.tasks[:1], sets, data.tasks[1:], lam=1.0)  # lam: few Newton steps
+        result = {"rows": int(data.G.shape[0]), "gradients_mb": round(data.G.nbytes / 2**20), "load_s": round(load_s, 1),
+                  "load_peak_rss_mb": round(loaded / 2**20), "mean_loss": float(est.loss.mean())}
     else:
         from engine.data.ingest import ingest
 
@@ -146,10 +238,12 @@ def _measured(kind: str, source: str, target: str, out: str) -> tuple[dict, floa
 
 
 def measure(root: Path, kind: str, paths: dict[str, Path], out: Path) -> dict:
-    source = paths["pool"] if kind == "select" else paths["ingest"]
+    source, target = {"ingest": (paths["ingest"], paths["target"]),
+                      "dsir": (paths["texts"], paths["target_texts"]),
+                      "estimator": (paths["grads"], paths["examples"])}.get(kind, (paths["pool"], paths["target"]))
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(source),
-                           str(paths["target"]), str(out)], cwd=root, env=env, capture_output=True, text=True)
+                           str(target), str(out)], cwd=root, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"{kind} at {root} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -161,7 +255,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,4000000", help="small,large rows")
     parser.add_argument("--roots", default=".", help="comma-separated checkouts to measure (engine imported from each)")
-    parser.add_argument("--kinds", default="select,ingest")
+    parser.add_argument("--kinds", default="select,ingest", help="comma-separated: select, domain, dsir, ingest, estimator")
     parser.add_argument("--data", help="folder for the generated data (kept); default a temporary folder (deleted)")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "SOURCE", "TARGET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,13 +265,14 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     roots = [Path(r).resolve() for r in args.roots.split(",")]
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="sift-memory-"))
+    kinds = args.kinds.split(",")
     result: dict = {"sizes": sizes, "dim": DIM, "target_rows": TARGET_ROWS, "budget": BUDGET, "runs": {}}
     try:
         for rows in sizes:
             started = time.perf_counter()
-            paths = prepare(data, rows)
+            paths = prepare(data, rows, kinds)
             result.setdefault("generate_s", {})[rows] = round(time.perf_counter() - started, 1)
-            for kind in args.kinds.split(","):
+            for kind in kinds:
                 for root in roots:  # side by side at each size, so machine noise hits both alike
                     run = measure(root, kind, paths, data / "out")
                     result["runs"].setdefault(f"{kind} @ {root}", {})[rows] = run
@@ -189,6 +284,10 @@ def main() -> None:
         runs["rss_ratio"] = round(runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"], 2)
         runs["anon_ratio"] = round(runs[large]["peak_anon_mb"] / runs[small]["peak_anon_mb"], 2)
         runs["wall_ratio"] = round(runs[large]["wall_s"] / runs[small]["wall_s"], 2)
+        if "gradients_mb" in runs[small]:  # the estimator: the peak beyond the rows every fit reads
+            for size in sizes:
+                runs[size]["beyond_gradients_mb"] = runs[size]["peak_rss_mb"] - runs[size]["gradients_mb"]
+            runs["beyond_gradients_ratio"] = round(runs[large]["beyond_gradients_mb"] / runs[small]["beyond_gradients_mb"], 2)
     print(json.dumps(result, indent=2))
 
 

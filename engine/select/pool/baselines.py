@@ -4,12 +4,15 @@
 - knn: mean cosine similarity of a candidate to its k nearest target embeddings (faiss);
 - dsir: hashed unigram+bigram importance weights log p_target(x) - log p_pool(x) (Xie et al.,
   2023), resampled without replacement by the Gumbel top-k trick, seeded. Our own faithful
-  implementation: the published `data-selection` package pins an old numpy;
+  implementation (the published `data-selection` package pins an old numpy), streamed: two
+  passes over the pool's texts, a batch at a time;
 - grad-cosine: LESS-style cosine between a candidate's projected gradient and the mean of the
   target's normalised projected gradients.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -32,18 +35,35 @@ def knn_scores(pool: ShardedVectors, target: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate(out).astype(np.float64)
 
 
-def dsir_scores(pool_texts: list[str], target_texts: list[str], buckets: int, seed: int) -> np.ndarray:
+def dsir_scores(pool: Callable[[], Iterable[list[str]]], target: Iterable[list[str]], n: int, buckets: int,
+                seed: int) -> np.ndarray:
+    """DSIR's score for each of the `n` pool texts. `pool()` yields the pool's texts batch by batch
+    (called twice: n-gram totals first, then each text's weight), `target` the target's texts: the
+    hashed counts are additive, so the driver holds one batch's sparse counts and the `buckets`-long
+    totals, never all texts. Each text's weight and its Gumbel draw are the same as over the whole
+    pool at once (the draws come from one seeded stream in pool order)."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
     vectorizer = HashingVectorizer(n_features=buckets, ngram_range=(1, 2), alternate_sign=False, norm=None,
                                    lowercase=True)
-    pool_counts = vectorizer.transform(pool_texts)
-    target_counts = vectorizer.transform(target_texts)
-    log_p_target = _log_distribution(np.asarray(target_counts.sum(axis=0)).ravel())
-    log_p_pool = _log_distribution(np.asarray(pool_counts.sum(axis=0)).ravel())
-    log_weights = pool_counts @ (log_p_target - log_p_pool)
-    gumbel = -np.log(-np.log(np.random.default_rng(seed).uniform(1e-12, 1.0, len(pool_texts))))
-    return np.asarray(log_weights).ravel() + gumbel
+
+    def totals(batches: Iterable[list[str]]) -> np.ndarray:
+        out = np.zeros(buckets)
+        for texts in batches:
+            out += np.asarray(vectorizer.transform(texts).sum(axis=0)).ravel()
+        return out
+
+    weights = _log_distribution(totals(target)) - _log_distribution(totals(pool()))
+    rng = np.random.default_rng(seed)
+    scores = np.empty(n)
+    start = 0
+    for texts in pool():
+        gumbel = -np.log(-np.log(rng.uniform(1e-12, 1.0, len(texts))))
+        scores[start:start + len(texts)] = np.asarray(vectorizer.transform(texts) @ weights).ravel() + gumbel
+        start += len(texts)
+    if start != n:
+        raise AssertionError(f"DSIR scored {start} texts of a pool of {n}")
+    return scores
 
 
 def grad_cosine_scores(pool: ShardedVectors, target: np.ndarray) -> np.ndarray:

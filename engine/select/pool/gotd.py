@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
+import polars as pl
 
 from engine.config import SelectPoolConfig
+from engine.errors import SiftError
 from engine.features.store import FeatureStore
 from engine.index import kmeans
 from engine.select.pool import ot
@@ -67,25 +71,54 @@ def gotd_scores(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) 
 
 
 def domain_test(store: FeatureStore, target: np.ndarray, cfg: SelectPoolConfig) -> tuple[np.ndarray, dict]:
-    """Rows of the `domain_keep` sources whose sample is closest to the target in entropic OT cost."""
-    from engine.errors import SiftError
+    """Row numbers of the `domain_keep` sources whose sample is closest to the target in entropic
+    OT cost, and the test's report.
 
-    rows = store.rows()
-    if "task" not in rows.columns or rows["task"].null_count() == rows.height:
+    Three passes over the shards' rows files, one shard in memory at a time: count each source's
+    rows; draw each source's sample (sorted positions among its rows, the same draws from the same
+    seeded stream as over the whole task column) and fetch those vectors; list the kept sources'
+    rows. The driver holds the samples (domain_sample vectors per source) and the returned row
+    numbers (int64: 8 bytes per kept row)."""
+    counts: Counter = Counter()
+    for _, tasks in _shard_tasks(store):
+        counts.update(dict(zip(*np.unique(tasks, return_counts=True))))
+    if set(counts) <= {_NO_TASK}:
         raise SiftError("the domain test needs a source per candidate (a task column in the pool)")
-    tasks = rows["task"].fill_null("(none)").to_numpy()
-    vectors = store.vectors()
     rng = np.random.default_rng(cfg.seed)
     target_sample = target[rng.choice(len(target), size=min(len(target), cfg.domain_sample), replace=False)]
-    solves = {}
-    for name in sorted(set(tasks)):
-        members = np.flatnonzero(tasks == name)
-        picked = np.sort(rng.choice(members, size=min(len(members), cfg.domain_sample), replace=False))
-        solves[name] = ot.ot_cost(vectors[picked], target_sample, cfg.eps, cfg.threshold, cfg.max_iter)
+    names = sorted(counts)
+    positions = {name: np.sort(rng.choice(counts[name], size=min(counts[name], cfg.domain_sample), replace=False))
+                 for name in names}  # k-th row of the source, in pool order
+    seen, picked = Counter(), {name: [] for name in names}
+    for offset, tasks in _shard_tasks(store):
+        for name in np.unique(tasks):
+            local = np.flatnonzero(tasks == name)
+            wanted = positions[name]
+            lo, hi = np.searchsorted(wanted, [seen[name], seen[name] + len(local)])
+            picked[name].append(offset + local[wanted[lo:hi] - seen[name]])
+            seen[name] += len(local)
+    vectors = store.vectors()
+    solves = {name: ot.ot_cost(vectors[np.concatenate(picked[name])], target_sample, cfg.eps, cfg.threshold,
+                               cfg.max_iter) for name in names}
     costs = {name: solve.cost for name, solve in solves.items()}
     kept = sorted(costs, key=costs.get)[: cfg.domain_keep]
     unconverged = sorted(name for name, solve in solves.items() if not solve.converged)
-    return np.flatnonzero(np.isin(tasks, kept)), {"ot_cost": costs, "kept": kept, "unconverged": unconverged}
+    eligible = np.concatenate([offset + np.flatnonzero(np.isin(tasks, kept)) for offset, tasks in _shard_tasks(store)])
+    return eligible, {"ot_cost": costs, "kept": kept, "unconverged": unconverged}
+
+
+_NO_TASK = "(none)"
+
+
+def _shard_tasks(store: FeatureStore) -> Iterator[tuple[int, np.ndarray]]:
+    """(row number of the shard's first row, the shard's sources) for every shard in order."""
+    offset = 0
+    for k in range(store.spec.num_shards):
+        rows = store.shard_rows_frame(k)
+        if "task" not in rows.columns:
+            raise SiftError("the domain test needs a source per candidate (a task column in the pool)")
+        yield offset, rows["task"].cast(pl.String).fill_null(_NO_TASK).to_numpy()
+        offset += rows.height
 
 
 def c_transform_store(store: FeatureStore, solution: ot.OTSolution) -> np.ndarray:

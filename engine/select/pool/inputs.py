@@ -1,8 +1,15 @@
 """Turn what a user hands `select-pool` into what a method needs.
 
-A pool or target may be: texts (files, folders, globs: ingested here), an ingest folder, an
-embedding or gradient feature store, or parquet with `id` and `embedding` columns. Stores sift
-derives (ingest, embeddings) live under OUT/<role>/ and are reused when their inputs match.
+A pool or target may be: texts (files, folders, globs), an ingest folder, an embedding or
+gradient feature store, or parquet with `id` and `embedding` columns; each a location
+`engine.storage` serves (a local path, s3://, gs://, ...), read where it lies.
+
+What select-pool derives from texts is made by the registered `ingest` and `embed` stages through
+the one executor, exactly as `sift ingest` / `sift featurize embed` or a `sift run` step would:
+OUT/<role>/ingest and OUT/<role>/embeddings each hold their own done marker, so a rerun of
+select-pool (any of its other settings changed) skips them, and a changed input redoes them and
+only them. Precomputed embeddings become a feature store under OUT/<role>/embeddings, reused while
+its manifest names the same files (their `storage.stamp`).
 
 Pool and target must come from one encoder: a feature store's manifest names its model
 (`fingerprint["model"]`, name@content digest), and two different ones are refused; precomputed parquet
@@ -11,11 +18,9 @@ names none, so for it the dimension check in `select` is all there is.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine import executor, storage
 from engine.config import EmbedConfig, IngestConfig, SelectPoolConfig
-from engine.data.ingest import EXAMPLES, SUMMARY, ingest
+from engine.data.ingest import EXAMPLES, QUARANTINE, SUMMARY
 from engine.errors import SiftError
-from engine.features.embed import embed
-from engine.features.store import MANIFEST, FeatureStore, StoreSpec
+from engine.features.store import FeatureStore, StoreSpec
+from engine.paths import cache_dir
 
 PRECOMPUTED_SHARD_ROWS = 65_536
-ROW_BATCH = 65_536  # example rows per batch when a pool of texts is read in passes
+ROW_BATCH = 65_536  # rows per batch when examples or precomputed parquet are read in passes
+STAGED = pa.schema([("id", pa.string()), ("order", pa.int64()), ("reason", pa.string())])
 
 
 @dataclass
@@ -39,15 +46,16 @@ class Candidates:
     """One side of a selection: its features (if any), its examples (if texts), its upstream losses."""
 
     store: FeatureStore | None
-    examples: Path | None  # examples.parquet with full columns, when the input was text
+    examples: str | None  # location of the examples (full columns), when the input was text
     rows_in: int  # rows the user handed in
     quarantine: pl.DataFrame  # id, reason, stage: rows lost before scoring
+    derived: dict[str, str] = field(default_factory=dict)  # stage it derived -> "ran" / "skipped (done)"
 
     def count(self) -> int:
         """How many candidates can be scored, from the stored files' metadata."""
         if self.store is not None:
             return len(self.store.vectors())
-        return pq.ParquetFile(self.examples).metadata.num_rows
+        return storage.parquet_rows(self.examples)
 
     def row_batches(self) -> Iterator[pl.DataFrame]:
         """The candidates' rows (id, task, ...) in feature order (or example order without
@@ -56,47 +64,55 @@ class Candidates:
             for k in range(self.store.spec.num_shards):
                 yield self.store.shard_rows_frame(k)
             return
-        for batch in pq.ParquetFile(self.examples).iter_batches(ROW_BATCH):
-            yield pl.from_arrow(batch)
+        yield from storage.iter_parquet_batches(self.examples, batch_rows=ROW_BATCH)
+
+    def text_batches(self) -> Iterator[list[str]]:
+        """The texts in example order, a parquet batch at a time (text-only methods)."""
+        if self.examples is None:
+            raise SiftError("this method needs texts, but the input is precomputed features; pass the texts")
+        for frame in storage.iter_parquet_batches(self.examples, columns=["text"], batch_rows=ROW_BATCH):
+            yield frame["text"].to_list()
 
     @property
     def encoder(self) -> str | None:
         """The model the features came from, as its store's manifest names it; None when unknown."""
         return None if self.store is None else self.store.spec.fingerprint.get("model")
 
-    def texts(self) -> pl.DataFrame:
-        if self.examples is None:
-            raise SiftError("this method needs texts, but the input is precomputed features; pass the texts")
-        return pl.read_parquet(self.examples)
-
 
 def resolve(spec: str | None, role: str, cfg: SelectPoolConfig, need: str) -> Candidates:
     """`need`: "embeddings", "grads", "texts" or "any"."""
     if not spec:
         raise SiftError(f"select-pool needs --{role}")
-    path = Path(spec)
-    work = Path(cfg.out) / role
-    if (path / MANIFEST).is_file():
-        store = FeatureStore(path)
+    spec = storage.validate_uri(spec)
+    work = storage.join(cfg.out, role)
+    if FeatureStore.exists(spec):
+        store = FeatureStore(spec)
         if need in ("embeddings", "grads") and store.spec.kind != need:
-            raise SiftError(f"{path} is a {store.spec.kind} store, but method {cfg.method!r} needs {need}")
+            raise SiftError(f"{spec} is a {store.spec.kind} store, but method {cfg.method!r} needs {need}")
         if need == "texts":
-            raise SiftError(f"method {cfg.method!r} needs texts, but {path} is a feature store; pass the texts")
+            raise SiftError(f"method {cfg.method!r} needs texts, but {spec} is a feature store; pass the texts")
         return Candidates(store, None, store.spec.rows, _quarantine(store.quarantine(), "features"))
     if need == "grads":
-        raise SiftError(f"method 'grad-cosine' needs gradient stores (`sift featurize grads`); {path} is not one")
-    if _has_embedding_column(path):
+        raise SiftError(f"method 'grad-cosine' needs gradient stores (`sift featurize grads`); {spec} is not one")
+    files = _parquet_files(spec)
+    if files and "embedding" in _column_names(files[0]):
+        if "id" not in _column_names(files[0]):
+            raise SiftError(f"{spec}: precomputed embeddings need an id column beside the embedding column")
         if need == "texts":
-            raise SiftError(f"method {cfg.method!r} needs texts, but {path} holds precomputed embeddings")
-        store = _store_from_parquet(path, work / "embeddings")
+            raise SiftError(f"method {cfg.method!r} needs texts, but {spec} holds precomputed embeddings")
+        store = _store_from_parquet(spec, files, storage.join(work, "embeddings"))
         return Candidates(store, None, store.spec.rows, _quarantine(store.quarantine(), "features"))
 
-    folder, rows_in, lost = _ingested(spec, work, cfg)
+    folder, rows_in, lost, derived = _ingested(spec, work, cfg)
+    examples = storage.join(folder, EXAMPLES)
     if need in ("texts", "any"):
-        return Candidates(None, folder / EXAMPLES, rows_in, lost)
-    store, _ = embed(EmbedConfig(data=folder, out=work / "embeddings", model=cfg.encoder, runtime=cfg.runtime),
-                     replace_mismatch=True)
-    return Candidates(store, folder / EXAMPLES, rows_in, pl.concat([lost, _quarantine(store.quarantine(), "features")]))
+        return Candidates(None, examples, rows_in, lost, derived)
+    embeddings = storage.join(work, "embeddings")
+    outcome = _derived("embed", EmbedConfig(data=folder, out=embeddings, model=cfg.encoder, runtime=cfg.runtime),
+                       cfg.force)
+    store = FeatureStore(embeddings)
+    return Candidates(store, examples, rows_in, pl.concat([lost, _quarantine(store.quarantine(), "features")]),
+                      {**derived, "embed": outcome.status})
 
 
 def check_same_encoder(pool: Candidates, target: Candidates) -> None:
@@ -111,87 +127,154 @@ def check_same_encoder(pool: Candidates, target: Candidates) -> None:
                         "compute both with the same model")
 
 
-def _ingested(spec: str, work: Path, cfg: SelectPoolConfig) -> tuple[Path, int, pl.DataFrame]:
-    """An ingest folder for the input (the input itself if it already is one)."""
-    path = Path(spec)
-    if (path / EXAMPLES).is_file() and (path / SUMMARY).is_file():
-        folder = path
+def _derived(name: str, cfg, force: bool) -> executor.Outcome:
+    """Registered stage `name` on `cfg` through the executor: skipped when its output holds a
+    finished run of the same fingerprint, run (or resumed) otherwise. The output lies under
+    select-pool's OUT and belongs to it, so a finished run of another fingerprint there is
+    select-pool's own stale output: replaced, not refused (`force` in the stage's config lets a
+    feature store discard the old shards; fingerprints leave `force` out)."""
+    from engine.stages import STAGES  # the registry sits above this module: looked up when used
+
+    stage = STAGES[name]
+    if "force" in type(cfg).model_fields:
+        marker = executor.read_marker(cfg.out)
+        stale = marker is not None and (marker.stage, marker.fingerprint) != (name, executor.fingerprint(stage, cfg))
+        if force or stale:
+            cfg = cfg.model_copy(update={"force": True})
+    return executor.run(stage, cfg, force=force)
+
+
+def _ingested(spec: str, work: str, cfg: SelectPoolConfig) -> tuple[str, int, pl.DataFrame, dict[str, str]]:
+    """An ingest folder for the input (the input itself if it already is one), its rows in, its
+    quarantined rows and what was derived."""
+    if storage.is_file(storage.join(spec, EXAMPLES)) and storage.is_file(storage.join(spec, SUMMARY)):
+        folder, rows_in, derived = spec, storage.read_json(storage.join(spec, SUMMARY))["rows_in"], {}
     else:
-        ingest(IngestConfig(inputs=[spec], out=work / "ingest", runtime=cfg.runtime))
-        folder = work / "ingest"
-    summary = json.loads((folder / SUMMARY).read_text())
-    lost = pl.read_parquet(folder / "quarantine.parquet", columns=["id", "reason"])
-    return folder, summary["rows_in"], _quarantine(lost, "ingest")
+        folder = storage.join(work, "ingest")
+        outcome = _derived("ingest", IngestConfig(inputs=[spec], out=folder, runtime=cfg.runtime), cfg.force)
+        rows_in, derived = outcome.result.rows_in, {"ingest": outcome.status}
+    lost = storage.read_parquet(storage.join(folder, QUARANTINE), columns=["id", "reason"])
+    return folder, rows_in, _quarantine(lost, "ingest"), derived
 
 
 def _quarantine(frame: pl.DataFrame, stage: str) -> pl.DataFrame:
     return frame.select("id", "reason").with_columns(stage=pl.lit(stage))
 
 
-def _has_embedding_column(path: Path) -> bool:
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files or files[0].suffix != ".parquet" or not files[0].is_file():
-        return False
-    return "embedding" in pq.read_schema(files[0]).names
+def _parquet_files(spec: str) -> list[str]:
+    """The parquet file `spec`, or the parquet files directly in folder `spec`; [] otherwise."""
+    if storage.is_file(spec):
+        return [spec] if spec.endswith(".parquet") else []
+    if storage.is_dir(spec):
+        return [f for f in storage.list_files(spec, recursive=False) if f.endswith(".parquet")]
+    return []
 
 
-def _store_from_parquet(path: Path, out: Path) -> FeatureStore:
+def _column_names(file: str) -> list[str]:
+    fs, path = storage.filesystem(file)
+    return pq.read_schema(path, filesystem=fs).names
+
+
+def _store_from_parquet(spec: str, files: list[str], out: str) -> FeatureStore:
     """Precomputed embeddings (id + embedding columns) as a feature store. Rows without an id,
     with a non-finite vector, or repeating an earlier good row's id (the first wins: a repeated id
     would be selected twice, past the budget) are quarantined with the reason.
 
-    The vectors go from arrow's list columns straight into float32 arrays, a parquet batch at a
-    time (two passes: finiteness for the id check, then the shards), never as Python lists."""
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    stamp = hashlib.sha256("".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files).encode())
-    ids = pl.read_parquet(files, columns=["id"])
-    if ids.height == 0:
-        raise SiftError(f"{path}: holds no rows")
-    dims, finite = set(), []
-    for vectors in _embedding_batches(files, path):
-        dims.add(vectors.shape[1])
-        finite.append(np.isfinite(vectors).all(axis=1))
-    if len(dims) != 1:
-        raise SiftError(f"{path}: the embedding column must hold equal-length lists of numbers")
-    spec = StoreSpec(kind="embeddings", fingerprint={"source": f"{path}@{stamp.hexdigest()[:16]}",
-                                                     "checks": "id, finite, unique id"},
-                     dim=dims.pop(), dtype="float32", seed=None, rows=ids.height,
-                     shard_rows=PRECOMPUTED_SHARD_ROWS)
-    store = FeatureStore.prepare(out, spec, replace_mismatch=True)
-    checked = _row_reasons(ids, np.concatenate(finite))
-    missing = set(store.missing_shards())
-    for k, vectors in enumerate(_rechunk(_embedding_batches(files, path), spec.shard_rows)):
-        if k in missing:
+    Never the whole column in the driver: a first pass over parquet batches checks the vectors
+    (arrow lists straight into float32 arrays, never Python lists) and stages id, row number and
+    reason in a local file; repeated ids are found there one hash bucket at a time (ingest's
+    bucketed check, at most `engine.data.ingest.BUCKET_ROWS` ids in memory); a second pass writes
+    the shards. What the driver keeps whole: the row numbers of repeated ids (16 bytes per
+    repeat). A store already finished from these very files is reused without a pass."""
+    rows = sum(storage.parquet_rows(f) for f in files)
+    if rows == 0:
+        raise SiftError(f"{spec}: holds no rows")
+    fingerprint = {"source": f"{spec}@{storage.stamp(spec)}", "checks": "id, finite, unique id"}
+    if FeatureStore.exists(out):
+        done = FeatureStore(out)
+        if done.spec.fingerprint == fingerprint and done.spec.rows == rows and not done.missing_shards():
+            return done
+    with tempfile.TemporaryDirectory(dir=cache_dir("work"), prefix="precomputed-") as scratch:
+        staged, dim, repeats = _check_rows(spec, files, Path(scratch))
+        spec_ = StoreSpec(kind="embeddings", fingerprint=fingerprint, dim=dim, dtype="float32", seed=None, rows=rows,
+                          shard_rows=PRECOMPUTED_SHARD_ROWS)
+        store = FeatureStore.prepare(out, spec_, replace_mismatch=True)
+        missing = set(store.missing_shards())
+        repeat_rows = repeats["order"].to_numpy()
+        for k, vectors in enumerate(_rechunk(_embedding_batches(files, spec), spec_.shard_rows)):
+            if k not in missing:
+                continue
             start, stop = store.shard_range(k)
-            part = checked.slice(start, stop - start)
+            part = storage.read_parquet_slice(staged, start, stop - start)
+            lo, hi = np.searchsorted(repeat_rows, [start, stop])
+            if hi > lo:
+                again = repeats.slice(lo, hi - lo).select(
+                    "order", duplicate=pl.format("duplicate id (first at row {})", pl.col("first") + 1))
+                part = part.join(again, on="order", how="left", maintain_order="left").with_columns(
+                    reason=pl.coalesce("reason", "duplicate"))
             ok = part["reason"].is_null()
             store.write_shard(k, part.filter(ok).select("id"), vectors[ok.to_numpy()],
                               part.filter(~ok).select("id", "reason"))
     return store
 
 
-def _embedding_batches(files: list[Path], path: Path) -> Iterator[np.ndarray]:
-    """The embedding column as float32 (rows, dim) arrays, one parquet batch at a time."""
-    def refuse() -> SiftError:
-        return SiftError(f"{path}: the embedding column must hold equal-length lists of numbers")
+def _check_rows(spec: str, files: list[str], scratch: Path) -> tuple[str, int, pl.DataFrame]:
+    """First pass: (staged file of id, order, reason), the dimension, and (order, first) of every
+    good row whose id an earlier good row has."""
+    from engine.data.ingest import Staged, _duplicates  # its bucketed check, on our staged rows
 
+    staged = scratch / "ids.parquet"
+    dims, passed, order = set(), 0, 0
+    reason = (pl.when(pl.col("id").is_null()).then(pl.lit("missing id"))
+              .when(~pl.col("finite")).then(pl.lit("non-finite embedding")))
+    with pq.ParquetWriter(staged, STAGED) as writer:
+        for frame, vectors in _id_and_vector_batches(files, spec):
+            dims.add(vectors.shape[1])
+            checked = frame.select(pl.col("id").cast(pl.String), order=pl.int_range(order, order + frame.height),
+                                   finite=pl.Series(np.isfinite(vectors).all(axis=1))).with_columns(reason=reason)
+            writer.write_table(checked.select(STAGED.names).to_arrow().cast(STAGED))
+            passed += checked["reason"].null_count()
+            order += frame.height
+    if len(dims) != 1:
+        raise _not_vectors(spec)
+    repeats = _duplicates(Staged(staged, {}, passed), scratch) if passed else pl.DataFrame(
+        schema={"order": pl.Int64, "first": pl.Int64})
+    return str(staged), dims.pop(), repeats
+
+
+def _not_vectors(spec: str) -> SiftError:
+    return SiftError(f"{spec}: the embedding column must hold equal-length lists of numbers")
+
+
+def _id_and_vector_batches(files: list[str], spec: str) -> Iterator[tuple[pl.DataFrame, np.ndarray]]:
     for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(ROW_BATCH, columns=["embedding"]):
-            column = batch.column(0)
-            if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
-                    or pa.types.is_fixed_size_list(column.type)) or column.null_count:
-                raise refuse()
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            if len(lengths) and (lengths != lengths[0]).any():
-                raise refuse()
-            values = column.flatten()
-            if values.null_count:
-                raise refuse()
-            try:
-                flat = values.cast(pa.float32()).to_numpy(zero_copy_only=False)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise refuse() from None
-            yield flat.reshape(len(column), int(lengths[0]) if len(lengths) else 0)
+        for frame in storage.iter_parquet_batches(file, columns=["id", "embedding"], batch_rows=ROW_BATCH):
+            yield frame.select("id"), _float32_rows(frame["embedding"].to_arrow(), spec)
+
+
+def _embedding_batches(files: list[str], spec: str) -> Iterator[np.ndarray]:
+    """The embedding column as float32 (rows, dim) arrays, one parquet batch at a time."""
+    for file in files:
+        for frame in storage.iter_parquet_batches(file, columns=["embedding"], batch_rows=ROW_BATCH):
+            yield _float32_rows(frame["embedding"].to_arrow(), spec)
+
+
+def _float32_rows(column: pa.Array, spec: str) -> np.ndarray:
+    """An arrow list column of equal-length number lists as a float32 (rows, dim) array."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)) or column.null_count:
+        raise _not_vectors(spec)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise _not_vectors(spec)
+    values = column.flatten()
+    if values.null_count:
+        raise _not_vectors(spec)
+    try:
+        flat = values.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise _not_vectors(spec) from None
+    return flat.reshape(len(column), int(lengths[0]) if len(lengths) else 0)
 
 
 def _rechunk(batches: Iterator[np.ndarray], rows: int) -> Iterator[np.ndarray]:
@@ -207,17 +290,3 @@ def _rechunk(batches: Iterator[np.ndarray], rows: int) -> Iterator[np.ndarray]:
             pending, held = [joined[rows:]], held - rows
     if held:
         yield np.concatenate(pending)
-
-
-def _row_reasons(ids: pl.DataFrame, finite: np.ndarray) -> pl.DataFrame:
-    """id, reason (null: kept) per precomputed row; among otherwise good rows the first id wins."""
-    row = pl.col("row")
-    reason = (pl.when(pl.col("id").is_null()).then(pl.lit("missing id"))
-              .when(~pl.col("finite")).then(pl.lit("non-finite embedding")))
-    checked = ids.with_row_index("row").with_columns(finite=pl.Series(finite)).with_columns(reason=reason)
-    first = row.filter(pl.col("reason").is_null()).min().over("id")
-    return checked.with_columns(
-        reason=pl.when(pl.col("reason").is_null() & (row != first))
-        .then(pl.format("duplicate id (first at row {})", first + 1))
-        .otherwise(pl.col("reason"))
-    ).select("id", "reason")

@@ -1,16 +1,23 @@
 """`sift select-pool`: score every candidate of a pool for a target, pick the budget, report.
 
-Outputs in OUT: scores.parquet (every scored candidate: id, score, rank, selected; rank 1 is
-chosen first), selected.parquet (the chosen rows with all their columns), quarantine.parquet
-(rows lost upstream, with the stage and reason), report.json and report.png. The counts add up:
-rows_in = quarantined + selected + not_selected.
+Outputs in OUT (a local folder or a URI; written through `engine.storage`): scores.parquet (every
+scored candidate: id, score, rank, selected; rank 1 is chosen first), selected.parquet (the chosen
+rows with all their columns), quarantine.parquet (rows lost upstream, with the stage and reason),
+report.json and report.png; OUT/pool and OUT/target hold what was derived from text inputs. The
+counts add up: rows_in = quarantined + selected + not_selected.
+
+Driver memory: rows, vectors and texts pass through a shard or a parquet batch at a time. What
+the driver holds whole is one score per candidate (float64, 8 bytes) and, while ranking, its
+sort order and rank (two int64s): about 25 bytes per candidate at the peak; with the domain test,
+the row numbers of the kept sources' rows (int64, 8 bytes each) too. The target's vectors are
+held whole (4·dim bytes per target row): the Sinkhorn solve and every c-transform use all of them.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,11 +27,12 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from engine import runtime
+from engine import runtime, storage
 from engine.config import SelectPoolConfig
 from engine.errors import SiftError
+from engine.paths import cache_dir
 from engine.report import table
-from engine.select.pool import baselines
+from engine.select.pool import baselines, inputs
 from engine.select.pool.gotd import gotd_scores
 from engine.select.pool.inputs import Candidates, check_same_encoder, resolve
 
@@ -51,8 +59,9 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
     if cfg.out is None:
         raise SiftError("select-pool needs --out DIR")
     started = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(cfg.out)
+    if not storage.is_remote(out):
+        os.makedirs(out, exist_ok=True)  # scores.parquet is streamed into it
     runtime.start(cfg.runtime)
     need = NEEDS[cfg.method]
     pool = resolve(cfg.pool, "pool", cfg, need)
@@ -61,8 +70,8 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
     scored = pool.count()
     if scored == 0:
         raise SiftError(f"the pool is empty: none of its {pool.rows_in} rows survived ingest and featurization "
-                        f"(see {out / 'quarantine.parquet'})")
-    pool.quarantine.write_parquet(out / "quarantine.parquet")
+                        f"(see {storage.join(out, 'quarantine.parquet')})")
+    storage.write_parquet(pool.quarantine, storage.join(out, "quarantine.parquet"))
     k = budget_rows(cfg.budget, scored)
     prepared = time.perf_counter()
     scores, details = _scores(cfg, pool, target)
@@ -84,6 +93,7 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
         },
         "details": details,
         "warnings": _warnings(details),
+        "derived": {"pool": pool.derived, "target": target.derived},
         "seconds": {"inputs": round(prepared - started, 3), "scoring": round(scoring_done - prepared, 3),
                     "total": round(time.perf_counter() - started, 3)},
         "selected_by_task": _ranked(ranking.selected_by_task),
@@ -93,8 +103,8 @@ def select_pool(cfg: SelectPoolConfig) -> dict:
     counts = report["counts"]
     if counts["rows_in"] != counts["quarantined"] + counts["scored"]:
         raise AssertionError(f"select-pool lost rows: {counts}")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    _plot(scores, ranking.selected, report, out / "report.png")
+    storage.write_json(storage.join(out, "report.json"), report)
+    _plot(scores, ranking.selected, report, storage.join(out, "report.png"))
     for line in report["warnings"]:
         print(f"sift: warning: {line}", file=sys.stderr)
     return report
@@ -123,16 +133,19 @@ def rank_of(scores: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _write_scores(pool: Candidates, scores: np.ndarray, k: int, out: Path) -> Ranking:
+def _write_scores(pool: Candidates, scores: np.ndarray, k: int, out: str) -> Ranking:
     """scores.parquet (id, task, score, rank, selected; best first), written without the pool's
     rows ever in memory at once: the rows are read in pool order, a batch at a time, and written
-    sorted by rank into runs of RUN_ROWS rows; the runs are then merged MERGE_ROWS ranks at a
-    time (each run sorted by rank, so parquet statistics skip what a merge step does not need)."""
+    sorted by rank into runs of RUN_ROWS rows (local scratch files); the runs are then merged
+    MERGE_ROWS ranks at a time (each run sorted by rank, so parquet statistics skip what a merge
+    step does not need) into scores.parquet, streamed to OUT (a multipart upload on S3)."""
+    with tempfile.TemporaryDirectory(dir=cache_dir("work"), prefix="select-pool-runs-") as scratch:
+        return _write_sorted_runs(pool, scores, k, out, Path(scratch))
+
+
+def _write_sorted_runs(pool: Candidates, scores: np.ndarray, k: int, out: str, runs: Path) -> Ranking:
     rank = rank_of(scores)
     selected = rank <= k
-    runs = out / "_runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir()
     pool_by, selected_by = Counter(), Counter()
     chosen, pending, written, offset = [], [], [], 0
 
@@ -161,28 +174,30 @@ def _write_scores(pool: Candidates, scores: np.ndarray, k: int, out: Path) -> Ra
     if offset != len(scores):
         raise AssertionError(f"select-pool scored {len(scores)} candidates but read {offset} rows")
     del rank
+    fs, path = storage.filesystem(storage.join(out, "scores.parquet"))
     writer = None
     for start in range(1, len(scores) + 1, MERGE_ROWS):
         step = pl.scan_parquet(written).filter(pl.col("rank").is_between(start, start + MERGE_ROWS - 1))
         table = step.sort("rank").collect().to_arrow()
-        writer = writer or pq.ParquetWriter(out / "scores.parquet", table.schema)
+        writer = writer or pq.ParquetWriter(path, table.schema, filesystem=fs)
         writer.write_table(table)
     writer.close()
-    shutil.rmtree(runs)
     return Ranking(selected, pl.concat(chosen).sort("rank"), pool_by, selected_by)
 
 
-def _write_selected(pool: Candidates, chosen: pl.DataFrame, out: Path) -> None:
+def _write_selected(pool: Candidates, chosen: pl.DataFrame, out: str) -> None:
     """selected.parquet: the chosen rows, best first, with every column of the pool's examples
-    (texts) or of its feature store's rows; the examples are streamed past the chosen ids."""
+    (texts) or of its feature store's rows; the examples stream past the chosen ids a batch at
+    a time (the driver holds the budget's rows, never the pool's)."""
     if pool.examples is None:
         full = chosen
     else:
-        examples = pl.scan_parquet(pool.examples)
-        others = [c for c in examples.collect_schema().names() if c != "id"]
-        full = (examples.join(chosen.select("id", "rank", "score").lazy(), on="id", how="inner")
-                .select("id", "rank", "score", *others).sort("rank").collect(engine="streaming"))
-    full.write_parquet(out / "selected.parquet")
+        keys = chosen.select("id", "rank", "score")
+        parts = [batch.join(keys, on="id", how="inner") for batch in
+                 storage.iter_parquet_batches(pool.examples, batch_rows=inputs.ROW_BATCH)]
+        others = [c for c in parts[0].columns if c not in keys.columns]
+        full = pl.concat(parts).select(*keys.columns, *others).sort("rank")
+    storage.write_parquet(full, storage.join(out, "selected.parquet"))
 
 
 def _ranked(counts: Counter) -> dict[str, int]:
@@ -211,11 +226,11 @@ def _scores(cfg: SelectPoolConfig, pool: Candidates, target: Candidates) -> tupl
     if cfg.method == "random":
         return baselines.random_scores(pool.count(), cfg.seed), {}
     if cfg.method == "dsir":
-        texts = target.texts()["text"].to_list()
-        _nonempty(texts)
-        return baselines.dsir_scores(pool.texts()["text"].to_list(), texts, cfg.dsir_buckets, cfg.seed), {}
+        _nonempty(target.count())
+        return baselines.dsir_scores(pool.text_batches, target.text_batches(), pool.count(), cfg.dsir_buckets,
+                                     cfg.seed), {}
     target_vectors = np.asarray(target.store.vectors())
-    _nonempty(target_vectors)
+    _nonempty(len(target_vectors))
     if target_vectors.shape[1] != pool.store.spec.dim:
         raise SiftError(f"pool features are {pool.store.spec.dim}-d but target features are "
                         f"{target_vectors.shape[1]}-d; compute both with the same model and settings")
@@ -228,8 +243,8 @@ def _scores(cfg: SelectPoolConfig, pool: Candidates, target: Candidates) -> tupl
     return gotd_scores(pool.store, target_vectors, cfg)
 
 
-def _nonempty(target) -> None:
-    if len(target) == 0:
+def _nonempty(target_rows: int) -> None:
+    if target_rows == 0:
         raise SiftError("the target is empty: no target row survived ingest and featurization")
 
 
@@ -239,7 +254,7 @@ def _by_task(frame: pl.DataFrame) -> dict[str, int]:
     return dict(frame.group_by(pl.col("task").fill_null("(none)")).len().iter_rows())
 
 
-def _plot(scores: np.ndarray, selected: np.ndarray, report: dict, path: Path) -> None:
+def _plot(scores: np.ndarray, selected: np.ndarray, report: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,7 +278,8 @@ def _plot(scores: np.ndarray, selected: np.ndarray, report: dict, path: Path) ->
     right.set_title("share by source")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with storage.atomic_writer(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -286,7 +302,7 @@ def _histograms(scores: np.ndarray, selected: np.ndarray, bins: int) -> tuple[np
     return edges, counts
 
 
-def show(report: dict, out: Path) -> None:
+def show(report: dict, out: str) -> None:
     counts, details = report["counts"], report["details"]
     rows = [("method", f"{report['method']} ({report['variant']})"), *counts.items()]
     if "converged" in details:
@@ -294,6 +310,8 @@ def show(report: dict, out: Path) -> None:
                  ("Sinkhorn", f"{details['iterations']} iterations, L1 marginal error {details['marginal_error']:.2g} "
                               f"(threshold {details['threshold']:g}): "
                               f"{'converged' if details['converged'] else 'NOT converged'}")]
+    rows += [(f"{role} from texts", ", ".join(f"{stage} {status}" for stage, status in stages.items()))
+             for role, stages in report.get("derived", {}).items() if stages]
     rows += [("seconds", f"{report['seconds']['total']:.1f} (scoring {report['seconds']['scoring']:.1f})"),
              ("outputs", f"{out}/scores.parquet, selected.parquet, report.json, report.png")]
     table(f"select-pool -> {out}", None, rows)
