@@ -187,6 +187,13 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
         assert all(0 <= v <= 1 for v in report[key]), key
     errors = [a["mean_r2"] for a in report["approximation"]]
     assert errors[0] < errors[-1], "a 8x larger update must leave the first-order regime further"
+    # every estimate held to the radius the fine-tunes measured: r_k <= |u_k|, |w| <= the median r_k
+    radius = report["measured_radius"]
+    assert report["radius"] == f"measured: {radius:g}" and 0 < radius == sorted(report["progress_radius"])[1]
+    assert all(r <= u * (1 + 1e-9) for r, u in zip(report["progress_radius"], report["real_projected_update_norm"]))
+    assert max(report["estimated_update_norm"]) <= radius * (1 + 2e-3)
+    converged = report["variants"][0]
+    assert converged["name"] == "converged (no radius)" and min(converged["update_norm"]) > radius
     assert (tmp_path / "cal" / "calibration.png").is_file()
 
 
@@ -447,3 +454,4 @@ def test_a_real_update_in_the_estimators_coordinates(tmp_path):
     f_real = anchor.scores(encoded).double()
     first_order = f + G @ moved.projected
     assert float(((first_order - f_real) ** 2).mean()) < 0.3 * float(((f - f_real) ** 2).mean())
+
