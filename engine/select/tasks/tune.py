@@ -83,7 +83,8 @@ def tune_subsets(data: subsets.TaskGradients, targets: list[str], candidates: li
     trainable = tune.with_resources(
         tune.with_parameters(_trial, shared=data.shared(), targets=targets, candidates=candidates, lam=lam, labels=labels),
         {"cpu": 1})
-    settings = lam if not isinstance(lam, Fitting) else (lam.lam, lam.method, lam.gradex_c, lam.update_norm)
+    # Every setting that changes a fit names the experiment: a rerun with another one is not restored.
+    settings = lam if not isinstance(lam, Fitting) else (lam.lam, lam.method, lam.gradex_c, lam.update_norm, lam.radius)
     tuner = restorable_tuner(
         trainable, experiment_name(EXPERIMENT, targets, candidates, samples, settings, seed, data),
         runtime.run_storage(runtime_cfg, out, "tune"), runtime_cfg.max_failures,
