@@ -176,3 +176,38 @@ def test_duplicates_across_files_are_found_bucket_by_bucket(tmp_path, ray_sessio
     # k35's row at file 0 line 6 is empty, so its first occurrence is file 0 line 46
     assert reasons[f"{files[0]}:6"] == "empty text"
     assert reasons[f"{files[1]}:23"] == f"duplicate id (first seen at {files[0]}:46)"
+
+
+def test_files_split_over_many_small_blocks_are_counted_exactly(tmp_path, ray_session, monkeypatch):
+    """The driver receives blocks of at most BLOCK_BYTES (so the object-store pages it maps stay
+    bounded by IN_FLIGHT_BYTES, not by the rows): a file's rows then span many blocks, its
+    reader's count arrives after them, and every output is the same as with one block per file.
+    Ray Data's block size is the ingest's own setting, restored afterwards."""
+    from ray.data import DataContext
+
+    from engine.data import ingest as module
+
+    files = [str(write_jsonl(tmp_path / f"part-{f}.jsonl",
+                             [{"id": f"r{(i * 3 + f) % 2500}", "text": "" if i % 97 == 5 else f"file {f} row {i}"}
+                              for i in range(2000)])) for f in range(3)]
+    whole = ingest(IngestConfig(inputs=files, out=tmp_path / "whole"))
+    received = module._blocks
+    blocks: list[int] = []
+
+    def counted(ds):
+        for table in received(ds):
+            blocks.append(table.num_rows)
+            yield table
+
+    before = DataContext.get_current().target_max_block_size
+    monkeypatch.setattr(module, "_blocks", counted)
+    monkeypatch.setattr(module, "BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(module, "IN_FLIGHT_BYTES", 128 << 10)
+    small = ingest(IngestConfig(inputs=files, out=tmp_path / "small"))
+    assert DataContext.get_current().target_max_block_size == before
+    assert len(blocks) > 3 * 10 and sum(blocks) == 6000 + 3  # data blocks of every file, and each reader's count
+    assert whole.rows_in == 6000 and whole.rows_out + whole.rows_quarantined == 6000 and whole.reasons["duplicate id"] > 0
+    assert {k: v for k, v in asdict(small).items() if k != "out"} == {k: v for k, v in asdict(whole).items()
+                                                                       if k != "out"}
+    for name in (EXAMPLES, QUARANTINE):
+        assert pl.read_parquet(tmp_path / "small" / name).equals(pl.read_parquet(tmp_path / "whole" / name))

@@ -46,11 +46,15 @@ STAGING = "_staging"
 URI_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 BUCKET_ROWS = 1 << 19  # ids per duplicate-check bucket: the largest table the driver holds
 PASS_ROWS = 1 << 16  # rows per batch of the passes over the staged rows
-# Read blocks waiting in the object store for the driver (with blocks kept in input order, later
-# files wait for earlier ones). The object-store pages the driver has read from still count in
-# its RSS as shared memory (RssShmem grows with the rows read until the store's arena is reused;
-# jobs/bench/memory.py reports it apart from the driver's own heap).
-IN_FLIGHT_BYTES = 256 << 20
+# The driver's share of the object store. Every block the driver reads maps that block's pages of
+# the store's shared memory into the driver (its RssShmem), and they stay mapped after the block
+# is freed; the store reuses freed space, so the pages the driver ever touches are bounded by the
+# most bytes alive in the store at once, not by the rows: at most IN_FLIGHT_BYTES of read blocks
+# wait there for the driver (with blocks kept in input order, later files wait for earlier ones),
+# in blocks of at most BLOCK_BYTES (Ray Data's default, 128 MiB, would make a whole file one block
+# and the limit moot). Measured by jobs/bench/memory.py --kinds ingest.
+IN_FLIGHT_BYTES = 64 << 20
+BLOCK_BYTES = 8 << 20
 ID_SCHEMA = pa.schema([("id", pa.string()), ("order", pa.int64())])
 
 
@@ -112,10 +116,12 @@ def _receive(sources: list[readers.Source], cfg: IngestConfig, staging: Path) ->
     tallies: dict[int, int] = {}
     passed, last = 0, -1
     path = staging / "raw.parquet"
-    options = ds.context.execution_options
-    preserved, limits = options.preserve_order, options.resource_limits
+    context = ds.context
+    options = context.execution_options
+    preserved, limits, block_bytes = options.preserve_order, options.resource_limits, context.target_max_block_size
     options.preserve_order = True  # blocks in input order: no sort
     options.resource_limits = limits.copy(object_store_memory=IN_FLIGHT_BYTES)
+    context.target_max_block_size = BLOCK_BYTES
     try:
         with pq.ParquetWriter(path, RAW_SCHEMA) as writer:
             for table in _blocks(ds):
@@ -139,7 +145,7 @@ def _receive(sources: list[readers.Source], cfg: IngestConfig, staging: Path) ->
                 arrived.update(dict(zip(files.tolist(), counts.tolist())))
                 passed += table["reason"].null_count
     finally:
-        options.preserve_order, options.resource_limits = preserved, limits
+        options.preserve_order, options.resource_limits, context.target_max_block_size = preserved, limits, block_bytes
     for source in sources:
         read, got = tallies.get(source.index), arrived.get(source.index, 0)
         if read is None:
