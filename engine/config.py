@@ -297,8 +297,11 @@ class EnsembleTrainConfig(StrictModel):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per Ray Train worker (0: train on CPUs)")
     boost: int = Field(0, ge=0, description="boosting rounds (closed-form residual adapters)")
     boost_alpha: float = Field(1.0, gt=0, description="ridge strength of a boosting adapter, relative to the mean "
-                                                       "eigenvalue of the centred gradients' G^T G")
-    boost_max_step: float = Field(8.0, gt=0, description="largest step size nu of the line search on validation rows")
+                                                       "eigenvalue of X^T X (X: the training rows' label-set "
+                                                       "log-odds gradients)")
+    boost_max_step: float = Field(32.0, gt=0, description="largest step size nu of the line search on validation "
+                                                           "rows; nu scales the capped adapter's change in label-logit "
+                                                           "space, so nu > 1 goes further without a larger |P w|")
     boost_max_norm: float = Field(1.0, gt=0, description="a boosting adapter's |P w| is capped at this multiple of "
                                                          "the group adapters' median distance from the anchor")
     seed: int = 0

@@ -232,7 +232,11 @@ def test_line_search_finds_the_minimising_step_or_none():
 
 def test_a_boosting_round_lowers_the_training_residual(suite_grads, tmp_path):
     """One round on the tiny Llama: the residual adapter, added in label-logit space with the
-    step found on validation rows, lowers the training rows' mean 1 - p(gold)."""
+    step found on validation rows, lowers the training rows' mean 1 - p(gold), because it moves
+    their gold label-set log-odds the way its ridge fit predicted: up on average (the residual is
+    positive everywhere) and row by row. Before issue 14's fix the design rows were centred per
+    task, so the predicted change averaged exactly 0 over each task's rows and the real one did
+    not follow it (jobs/bench/boosting.py); the demo's rounds were rejected."""
     from engine.ensemble import evaluate
     from engine.ensemble.model import EnsembleModel
     from engine.train.ensemble import _boost
@@ -254,6 +258,9 @@ def test_a_boosting_round_lowers_the_training_residual(suite_grads, tmp_path):
     assert rounds[0]["train_residual"] < rounds[0]["train_residual_before"]
     assert rounds[0]["accepted"] and [b.adapter for b in final.tasks[tasks[0]].boost] == ["boost-1"]
     assert rounds[0]["update_norm"] <= rounds[0]["max_norm"] + 1e-6
+    # The margins rose about as much as predicted (before: a prediction of 0 on average).
+    assert 0.5 < rounds[0]["odds_change"] / rounds[0]["predicted_odds_change"] < 2, rounds[0]
+    assert rounds[0]["first_order_pearson"] > 0.5, rounds[0]
 
 
 @pytest.mark.slow
@@ -338,3 +345,58 @@ def test_train_lora_validation_accuracy_is_over_each_tasks_labels():
         expected.append(sum(right) / len(right))
     assert accuracy == pytest.approx(sum(expected) / 2)
     assert accuracy > 0  # some row's gold label wins over the other label, though p(gold) << 1/2
+
+
+def test_boosting_design_is_the_gradient_of_the_gold_label_odds(suite_grads, tmp_path):
+    """A boosting adapter is fitted by a ridge of the residual on `boost.design`: per training row,
+    the projected gradient at the anchor of its gold label's log-odds among the task's labels, the
+    margin a boosting step moves once the ensemble renormalises over the labels. The log-odds are
+    the ones the ensemble scores, and lifting a small w onto the anchor moves them by X w (1%
+    error measured). The design before, the gradient store's rows centred per task (the gradient
+    of the gold answer's log-odds over the whole vocabulary), missed that change by 98%."""
+    import numpy as np
+    import torch
+
+    from engine.ensemble import boost, evaluate, labels
+    from engine.features.store import FeatureStore
+    from engine.models.anchor import Anchor
+    from tests.conftest import write_random_adapter
+
+    frame = pl.read_parquet(suite_grads / "suite" / "examples.parquet").filter(pl.col("split") == "train")
+    tasks = sorted(frame["task"].unique())
+    frame = frame.sort("task", maintain_order=True)
+    write_random_adapter(tmp_path / "a", seed=0)
+    choices = {t: sorted(frame.filter(pl.col("task") == t)["label"].unique()) for t in tasks}
+    spec = manifest.Manifest(base_model="tiny-llama", max_lora_rank=4, adapters=[
+        manifest.AdapterEntry(name="a", path="a", tasks=tasks, rank=4)], tasks={
+        t: manifest.TaskEntry(labels=choices[t], weights={"a": 1.0}) for t in tasks})
+    anchor = Anchor(suite_grads / "grads")
+    tokenizer, model = anchor.featurizer.tokenizer, anchor.featurizer.score.model
+    X, odds = boost.design(anchor, tokenizer, spec, frame)
+
+    def scored() -> torch.Tensor:  # the gold label-set log-odds of every row, as the ensemble scores them
+        parts = []
+        for task in tasks:
+            part = frame.filter(pl.col("task") == task)
+            prompts = [labels.prompt_ids(tokenizer, spec, text, task) for text in part["text"]]
+            ids = labels.label_token_ids(tokenizer, spec.answer, choices[task])
+            logprobs = labels.next_token_logprobs(model, prompts, ids, tokenizer.pad_token_id)
+            gold = np.array([choices[task].index(y) for y in part["label"]])
+            parts.append(torch.as_tensor(evaluate.TaskScores(gold, {None: logprobs}).gold_odds(None)))
+        return torch.cat(parts)
+
+    at_anchor = scored()
+    assert torch.allclose(odds, at_anchor, atol=1e-4)
+    w = torch.randn(X.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w *= 0.05 / anchor.load(w)
+    assert anchor.load(w) == pytest.approx(0.05)  # a small |P w|, where the first-order model holds
+    moved = scored() - at_anchor
+    anchor.reset()
+    assert float((moved - X @ w).norm() / moved.norm()) < 0.05
+    store = FeatureStore(suite_grads / "grads")
+    index = {i: k for k, i in enumerate(store.rows()["id"])}
+    G = torch.as_tensor(np.array(store.vectors())[[index[i] for i in frame["id"]]], dtype=torch.float64)
+    for task in tasks:  # the design before: each task's mean row subtracted
+        rows = torch.as_tensor((frame["task"] == task).to_numpy())
+        G[rows] -= G[rows].mean(0)
+    assert float((moved - G @ w).norm() / moved.norm()) > 0.5

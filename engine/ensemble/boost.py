@@ -1,18 +1,24 @@
 """Boosting rounds of the ensemble, in closed form (docs/ALGORITHMS.md section 3, step 6).
 
 Gradient boosting in label-logit space. The ensemble's label logits are z = log p_mixture (plus
-earlier rounds); the negative gradient of its cross-entropy w.r.t. the gold label's logit is the
-residual r = 1 - p_ensemble(gold). A boosting adapter theta_init + P w starts at the anchor,
-where a row's answer score moves by about g . w (g: its projected gradient in the store). That
-score is the gold token's log-odds over the whole vocabulary, and most of g is common to every
-row of a task ("say any of the task's answer tokens"), a direction that cancels once
-probabilities are renormalised over the labels. So the gradients are centred per task (g minus
-the task's mean gradient: about the gold label's gradient against the task's other labels) and
-a ridge regression G_c w ~ r asks for the adapter whose change of the gold label's logit
-follows the residual. Its change from the anchor, delta = (its label log-probabilities - the
-anchor's), is added to z with a step size nu chosen by line search on validation rows; the other
-adapters' weights stay as they are. The update is norm-controlled: |P w| is capped (the
-first-order model holds near the anchor only) before the adapter is saved.
+earlier rounds); the negative gradient of its cross-entropy w.r.t. the gold label's log-odds
+among the task's labels, z_gold - logsumexp(z_others), is the residual r = 1 - p_ensemble(gold).
+A boosting adapter theta_init + P w starts at the anchor, where a training row's gold label-set
+log-odds move by about x . w, x the projected gradient of those log-odds at the anchor
+(`label_odds_gradients`: one gradient pass over the training rows, with the gradient store's
+projection, so that `Anchor.load` lifts w to the same parameters). A ridge regression X w ~ r
+asks for the adapter that raises each row's gold margin by its residual. Its change from the
+anchor, delta = (its label log-probabilities - the anchor's), is added to z with a step size nu
+chosen by line search on validation rows; the other adapters' weights stay as they are. The
+update is norm-controlled: |P w| is capped (the first-order model holds near the anchor only)
+before the adapter is saved.
+
+Before issue 14's fix the design was the gradient store's rows centred per task: the gradient of
+the answer score f, the gold answer's log-odds over the whole vocabulary, minus the task's mean.
+That is not the margin the ensemble renormalises over the labels: its x-dependent
+whole-vocabulary part cancels in the label softmax and the mean of the other rows is no stand-in
+for the same row's other labels, so the predicted change of the margins and the real one hardly
+agreed (jobs/bench/boosting.py), and the demo's rounds were rejected.
 """
 
 from __future__ import annotations
@@ -24,31 +30,60 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine.errors import SiftError
-from engine.features.store import FeatureStore
 from engine.models.anchor import Anchor
 
 
-def gradients_of(grads: str | Path, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected gradients and anchor outputs of the given rows, in their order."""
-    store = FeatureStore(grads)
-    rows = store.rows().select("id", "f").with_row_index("row")
-    order = pl.DataFrame({"id": ids}).join(rows, on="id", how="left", maintain_order="left")
-    missing = order.filter(pl.col("row").is_null()).height
-    if missing:
-        raise SiftError(f"{missing} training rows are not in the gradient store {grads}; featurize them first")
-    index = order["row"].to_numpy()
-    G = torch.as_tensor(np.array(store.vectors())[index], dtype=torch.float64)
-    return G, torch.tensor(np.array(order["f"].to_numpy()), dtype=torch.float64)
+class _GoldLabelOdds(torch.nn.Module):
+    """The label-set log-odds of each row's gold label, z_gold - logsumexp(z_other labels), from a
+    `objective.choice_batch` (the gold label's first token first): exactly the margin a boosting
+    step changes once the ensemble renormalises over the task's labels (the full-vocabulary
+    normaliser cancels)."""
+
+    def __init__(self, score: torch.nn.Module):
+        super().__init__()
+        self.score = score
+        self.model = score.model  # the per-example gradient methods find the LoRA factors here
+
+    def forward(self, input_ids, attention_mask, answer_pos, answer_ids, answer_valid) -> torch.Tensor:
+        logp = self.score(input_ids, attention_mask, answer_pos, answer_ids, answer_valid, per_token=True)
+        others = logp[:, 1:].masked_fill(answer_valid[:, 1:] == 0, float("-inf")).logsumexp(-1)
+        return logp[:, 0] - others
 
 
-def centred(G: torch.Tensor, groups: np.ndarray) -> torch.Tensor:
-    """G with each group's (task's) mean row subtracted from its rows."""
-    out = G.clone()
-    for group in np.unique(groups):
-        rows = torch.as_tensor(groups == group)
-        out[rows] -= out[rows].mean(0)
-    return out
+def label_odds_gradients(anchor: Anchor, prompts: list[list[int]], choices: list[list[int]],
+                         batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, d) projected gradients at the anchor of each row's gold label-set log-odds (prompt
+    token ids; its labels' first tokens, the gold one first), with the store's projection (so
+    `Anchor.load(w)` moves the log-odds by about X w), and the log-odds themselves (n,)."""
+    from engine.features import objective
+
+    module = _GoldLabelOdds(anchor.featurizer.score)
+    device = anchor.featurizer.device
+    X, odds = [], []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        encoded = objective.choice_batch([(prompts[i], choices[i]) for i in chunk], anchor.pad).to(device)
+        f, grads = anchor.featurizer.method(module, encoded)
+        X.append(anchor.featurizer.projector.project(grads).double().cpu())
+        odds.append(f.double().cpu())
+    inverse = torch.as_tensor(np.argsort(order))
+    return torch.cat(X)[inverse], torch.cat(odds)[inverse]
+
+
+def design(anchor: Anchor, tokenizer, manifest, rows: pl.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    """`label_odds_gradients` of `rows` (task, text, label), in their order, with the prompts and
+    label tokens the ensemble scores them by (engine/ensemble/labels.py)."""
+    from engine.ensemble import labels
+
+    prompts, choices = [], []
+    for task, text, label in rows.select("task", "text", "label").iter_rows():
+        names = manifest.task(task).labels
+        ids = labels.label_token_ids(tokenizer, manifest.answer, names)
+        gold = names.index(label)
+        prompts.append(labels.prompt_ids(tokenizer, manifest, text, task))
+        choices.append([ids[gold], *ids[:gold], *ids[gold + 1:]])
+    return label_odds_gradients(anchor, prompts, choices)
 
 
 def relative_alpha(G: torch.Tensor, alpha: float) -> float:

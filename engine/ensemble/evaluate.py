@@ -35,6 +35,15 @@ class TaskScores:
         """(B,) the model's probability of each row's gold label."""
         return self.probs(model)[np.arange(len(self.gold)), self.gold]
 
+    def gold_odds(self, model: str | None) -> np.ndarray:
+        """(B,) the model's log-odds of each row's gold label among the task's labels,
+        z_gold - logsumexp(z_other labels): the margin a boosting step moves."""
+        z = self.logprobs[model].double()
+        rows, gold = torch.arange(len(self.gold)), torch.as_tensor(self.gold)
+        others = z.clone()
+        others[rows, gold] = float("-inf")
+        return (z[rows, gold] - others.logsumexp(-1)).numpy()
+
     def combined(self, manifest: manifest_io.Manifest, task: str) -> np.ndarray:
         """(B, L) the ensemble's class probabilities under `manifest` (labels.combine)."""
         return labels.combine(self.logprobs, manifest, task).numpy()

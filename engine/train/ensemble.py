@@ -244,19 +244,30 @@ def _moves(anchor: Anchor, folders: list[Path]) -> list[float]:
     return moves
 
 
+def _odds_change(scores: dict[str, evaluate.TaskScores], rows: pl.DataFrame, name: str, anchor: str | None
+                 ) -> np.ndarray:
+    """How far adapter `name` moves every row's gold label-set log-odds from the anchor's, in
+    the order of `rows`."""
+    change = np.empty(rows.height)
+    for task, s in scores.items():
+        change[(rows["task"] == task).to_numpy()] = s.gold_odds(name) - s.gold_odds(anchor)
+    return change
+
+
 def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest_io.Manifest, grads: Path,
            frame: pl.DataFrame, val_scores: dict[str, evaluate.TaskScores], out: Path
            ) -> tuple[manifest_io.Manifest, list[dict]]:
     """Boosting rounds while each lowers the training residual and the validation NLL: the final
     manifest (the new adapters' validation scores are added to `val_scores`; `ensemble` may still
-    hold the last, rejected adapter) and a record of every round tried."""
+    hold the last, rejected adapter) and a record of every round tried, with its first-order
+    check: the change of the training rows' gold label-set log-odds the ridge predicted (X w at
+    the saved norm) beside the change the saved adapter makes."""
     tasks = list(manifest.tasks)
     train = frame.filter((pl.col("split") == "train") & pl.col("task").is_in(tasks))
     validation = frame.filter((pl.col("split") == "validation") & pl.col("task").is_in(tasks))
-    G, _ = boost.gradients_of(grads, train["id"].to_list())
-    G = boost.centred(G, train["task"].to_numpy())
-    alpha = boost.relative_alpha(G, cfg.boost_alpha)
     anchor = Anchor(grads)
+    X, _ = boost.design(anchor, ensemble.tokenizer, manifest, train)
+    alpha = boost.relative_alpha(X, cfg.boost_alpha)
     moves = _moves(anchor, [out / "adapters" / a.name for a in manifest.adapters if a.kind == "group"])
     max_norm = cfg.boost_max_norm * float(np.median(moves))
     train_scores = evaluate.score_rows(ensemble, train)
@@ -266,25 +277,27 @@ def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest
     for k in range(1, cfg.boost + 1):
         name = f"boost-{k}"
         folder = out / "adapters" / name
-        w = boost.residual_w(G, torch.as_tensor(residual), alpha)
+        w = boost.residual_w(X, torch.as_tensor(residual), alpha)
         fitted, size = boost.save_adapter(anchor, w, folder, max_norm)
         entry = manifest_io.AdapterEntry(name=name, path=f"adapters/{name}", kind="boost", tasks=tasks,
                                          rank=_rank(folder))
         held = manifest.model_copy(update={"adapters": [*manifest.adapters, entry]})
         ensemble.update(manifest_io.load(manifest_io.write(held, out)))
-        for task, s in evaluate.score_rows(ensemble, validation, models=[name]).items():
-            val_scores[task].logprobs[name] = s.logprobs[name]
+        for scores, rows in ((val_scores, validation), (train_scores, train)):
+            for task, s in evaluate.score_rows(ensemble, rows, models=[name]).items():
+                scores[task].logprobs[name] = s.logprobs[name]
+        predicted = (X @ w).numpy() * (size / fitted)
+        actual = _odds_change(train_scores, train, name, manifest.anchor)
         nu, nll = boost.line_search(lambda v: _validation_nll(_stepped(held, name, v), val_scores), cfg.boost_max_step)
+        candidate = _stepped(held, name, nu)
+        after = _residuals(candidate, train_scores, train)
         record = {"round": k, "step": nu, "validation_nll": nll, "before": current,
-                  "train_residual_before": float(residual.mean()), "train_residual": float(residual.mean()),
-                  "update_norm": size, "fitted_norm": fitted, "max_norm": max_norm, "accepted": False}
+                  "train_residual_before": float(residual.mean()), "train_residual": float(after.mean()),
+                  "update_norm": size, "fitted_norm": fitted, "max_norm": max_norm,
+                  "predicted_odds_change": float(predicted.mean()), "odds_change": float(actual.mean()),
+                  "first_order_pearson": float(np.corrcoef(predicted, actual)[0, 1]),
+                  "accepted": bool(nu > 0 and after.mean() < residual.mean())}
         rounds.append(record)
-        if nu > 0:
-            candidate = _stepped(held, name, nu)
-            for task, s in evaluate.score_rows(ensemble, train, models=[name]).items():
-                train_scores[task].logprobs[name] = s.logprobs[name]
-            after = _residuals(candidate, train_scores, train)
-            record.update(train_residual=float(after.mean()), accepted=bool(after.mean() < residual.mean()))
         if not record["accepted"]:
             shutil.rmtree(folder)
             manifest_io.write(manifest, out)
@@ -296,8 +309,9 @@ def _boost(cfg: EnsembleTrainConfig, ensemble: EnsembleModel, manifest: manifest
 def _flops(ensemble: EnsembleModel, frame: pl.DataFrame, grads: Path, partition: list[list[str]],
            trained: list[dict], groups_dir: Path | None, boosting: list[dict]) -> dict[str, float]:
     """FLOPs per stage (engine/ensemble/flops.py has the formulas) and `pipeline`, their sum with
-    inference over the test rows. The gradient pass counts only where something used it: a
-    grouping (its estimator) or boosting; one adapter trained on a given partition needs none."""
+    inference over the test rows. The store's gradient pass counts only where a grouping (its
+    estimator) used it; one adapter trained on a given partition needs none, and boosting takes
+    its own gradients (of the label-set log-odds) over the training rows."""
     from engine.features.store import FeatureStore
 
     manifest = ensemble.manifest
@@ -324,19 +338,18 @@ def _flops(ensemble: EnsembleModel, frame: pl.DataFrame, grads: Path, partition:
         info = json.loads((groups_dir / "groups.json").read_text())["estimator"]
         estimator = flops.estimator_fits(info["affinity_fits"] + info["search_fits"], info["rows"], info["dim"])
     store = FeatureStore(grads)
-    gradient_pass = train_pass * store.rows().height if groups_dir is not None or boosting else 0.0
+    gradient_pass = train_pass * store.rows().height if groups_dir is not None else 0.0
     # Weights: every group adapter over the validation rows (one adapter needs no weights).
     groups = sum(a.kind == "group" for a in manifest.adapters)
     weight_fit = forward * validation.height * groups if groups > 1 else 0.0
-    # Boosting: once, the anchor over the validation rows and the training rows under every group
-    # adapter and the anchor; per round tried, the ridge, the new adapter over the validation
-    # rows and (if a step was found) the training rows.
+    # Boosting: once, the anchor over the validation rows, the training rows under every group
+    # adapter and the anchor, and the label-set gradients of the training rows; per round tried,
+    # the ridge and the new adapter over the validation and training rows.
     boosting_flops = 0.0
     if boosting:
-        boosting_flops = forward * (validation.height + train.height * (groups + 1))
+        boosting_flops = forward * (validation.height + train.height * (groups + 1)) + train_pass * train.height
         for record in boosting:
-            boosting_flops += flops.ridge(train.height, store.spec.dim) + forward * (
-                validation.height + (train.height if record["step"] > 0 else 0))
+            boosting_flops += flops.ridge(train.height, store.spec.dim) + forward * (validation.height + train.height)
     per_query = float(np.mean([len(manifest.models(t)) for t in tasks]))
     stages = {"gradient_pass": gradient_pass, "estimator": estimator, "training": train_pass * examples +
               forward * evaluated, "weight_fit": weight_fit, "boosting": boosting_flops,
