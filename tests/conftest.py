@@ -34,14 +34,14 @@ def early_servers(request, tmp_path_factory):
     """The `sift serve` processes this session's test modules will use, started before the first
     test: each takes 20-40 s to come up (its own Ray and Ray Serve, the model or the vLLM engine),
     mostly spent in its own processes, so they come up while other tests run. A module opts in
-    with a `server_for(tiny_manifest, log) -> ServerProcess | None` function and takes its server,
-    ready, from the `early_server` fixture; each is stopped when its module ends."""
+    with a `server_for(tiny_manifest, folder) -> ServerProcess | None` function (`folder`: a fresh
+    one for its files) and takes its server, ready, from the `early_server` fixture; each is
+    interrupted when its module ends and waited for at the session's end."""
     modules = {item.module.__name__: item.module for item in request.session.items}
     servers = {}
     for name, module in sorted(modules.items()):
         if hasattr(module, "server_for"):
-            server = module.server_for(request.getfixturevalue("tiny_manifest"),
-                                       tmp_path_factory.mktemp("server") / "server.log")
+            server = module.server_for(request.getfixturevalue("tiny_manifest"), tmp_path_factory.mktemp("server"))
             if server is not None:
                 servers[name] = server.start()
     yield servers
@@ -52,8 +52,9 @@ def early_servers(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def early_server(early_servers, request):
     """This module's server from `early_servers`, once it answers /health."""
-    with early_servers[request.module.__name__] as server:
-        yield server
+    server = early_servers[request.module.__name__].__enter__()
+    yield server
+    server.interrupt()  # it shuts down while the next tests run
 
 
 S3_BUCKET = "sift-test"

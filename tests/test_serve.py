@@ -19,9 +19,9 @@ ANIMAL_PLANT = ["A small furry animal that climbs trees.", "A tall plant with ye
 LAW_POLITICS = ["The court ruled the contract void.", "Voters elected a new senate."]
 
 
-def server_for(tiny_manifest, log) -> ServerProcess:
+def server_for(tiny_manifest, folder) -> ServerProcess:
     """This module's server: conftest's `early_servers` starts it before the session's first test."""
-    return ServerProcess(tiny_manifest, "peft", log=log, ready_s=180)
+    return ServerProcess(tiny_manifest, "peft", log=folder / "server.log", ready_s=300)
 
 
 @pytest.fixture(scope="module")

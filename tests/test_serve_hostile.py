@@ -38,13 +38,27 @@ REFUSED = re.compile(r"^manifest refused: it is not allowed, not found or not a 
                      r"\(the server log has the reason under this request id\): \S+$")
 
 
+def server_for(tiny_manifest, folder: Path) -> ServerProcess:
+    """This module's server on FOLDER/root: conftest's `early_servers` starts it before the
+    session's first test (two replicas take ~25 s to come up)."""
+    return _server(_write_root(tiny_manifest, folder), folder / "server.log", replicas=2)
+
+
 @pytest.fixture(scope="module")
-def root(tiny_manifest, tmp_path_factory) -> Path:
+def server(early_server):
+    return early_server
+
+
+@pytest.fixture(scope="module")
+def root(server) -> Path:
+    return server.log_path.parent / "root"
+
+
+def _write_root(tiny_manifest: Path, base: Path) -> Path:
     """The manifest root: v1 (the tiny manifest), v2 (group-0 retrained, the task weighs only it),
     and hostile neighbours; `outside` is a sibling of the root."""
     from tests.conftest import write_random_adapter
 
-    base = tmp_path_factory.mktemp("hostile")
     root, outside = base / "root", base / "outside"
     shutil.copytree(tiny_manifest.parent, root / "v1")
     shutil.copytree(tiny_manifest.parent, root / "v2")
@@ -81,12 +95,6 @@ def _server(root: Path, log: Path, replicas: int) -> ServerProcess:
                                 "--set", f"replicas={replicas}", "--set", "replica_cpus=0.5", "--set", "threads=1",
                                 "--set", "max_ongoing_requests=2", "--set", "max_queued_requests=4",
                                 "--set", "request_timeout_s=5"])
-
-
-@pytest.fixture(scope="module")
-def server(root, tmp_path_factory):
-    with _server(root, tmp_path_factory.mktemp("serve-hostile") / "server.log", replicas=2) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -107,10 +107,15 @@ class ServerProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
+    def interrupt(self) -> None:
+        """Ctrl-C: the CLI shuts Ray Serve and its embedded Ray down (seconds); __exit__ waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGINT)  # the CLI shuts Ray Serve and its embedded Ray down
+        self.interrupt()
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
