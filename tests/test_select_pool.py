@@ -73,7 +73,7 @@ def test_gotd_finds_the_rare_source_that_knn_misses(tmp_path, ray_session, capsy
     assert loose.iterations > 1 and _l1_marginal_error(pool, target, loose) <= 0.1
     assert abs(_l1_marginal_error(pool, target, loose) - loose.marginal_error) < 1e-3
     for k in (10, 1):  # kNN by mean and by max similarity
-        select_pool(cfg.model_copy(update={"method": "knn", "knn_k": k, "out": tmp_path / f"knn{k}"}))
+        select_pool(cfg.model_copy(update={"method": "knn", "knn_k": k, "out": str(tmp_path / f"knn{k}")}))
         assert from_b(tmp_path / f"knn{k}") <= 2, k
 
 
@@ -86,7 +86,7 @@ def test_sample_and_c_transform_agree_with_the_full_solve(tmp_path, ray_session)
     full = select_pool(_cfg(tmp_path, p, t, 500, eps=0.5))
     full_scores = pl.read_parquet(tmp_path / "out" / "scores.parquet")
     sampled = select_pool(_cfg(tmp_path, p, t, 500, eps=0.5, full_max=1000, support_size=1000).model_copy(
-        update={"out": tmp_path / "sampled"}))
+        update={"out": str(tmp_path / "sampled")}))
     assert (full["details"]["support"], sampled["details"]["support"]) == ("full", "sample")
     sampled_scores = pl.read_parquet(tmp_path / "sampled" / "scores.parquet")
     top = lambda f: set(f.filter(pl.col("selected"))["id"])  # noqa: E731

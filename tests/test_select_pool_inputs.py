@@ -108,7 +108,7 @@ def test_pool_passes_shard_by_shard_give_the_same_outputs(tmp_path, ray_session,
         return to_list(series, *args, **kwargs)
 
     monkeypatch.setattr(pl.Series, "to_list", no_vector_lists)
-    parts = select_pool(cfg.model_copy(update={"out": tmp_path / "parts"}))
+    parts = select_pool(cfg.model_copy(update={"out": str(tmp_path / "parts")}))
 
     assert FeatureStore(tmp_path / "parts" / "pool" / "embeddings").spec.num_shards == 5
     assert whole["counts"] == parts["counts"] == {"rows_in": 3000, "quarantined": 103, "scored": 2897,
@@ -155,7 +155,8 @@ def test_a_text_pool_on_s3_reruns_skipping_its_ingest_and_embed(tmp_path, s3_dir
     """Texts on S3 in, every output on S3 (issue 12): select-pool ingests and embeds each side
     through the executor, with done markers under OUT/pool and OUT/target on S3. A rerun after a
     changed budget skips those stages (their markers untouched) and scores the same; a changed
-    pool file redoes the pool's stages (replacing its stale store) and only those. The stores and
+    pool file redoes the pool's stages (replacing its stale store) and only those; a pool file
+    rewritten with the same rows reruns its ingest but embeds nothing again. The stores and
     ingest folders it left on S3 are inputs in their own right."""
     from engine import executor, storage
     from engine.data import corpora
@@ -194,6 +195,13 @@ def test_a_text_pool_on_s3_reruns_skipping_its_ingest_and_embed(tmp_path, s3_dir
     assert executor.run(stage, cfg.model_copy(update={"budget": 10})).status == "ran"
     assert report()["derived"] == {"pool": skipped, "target": skipped}
     assert markers() == first and ranked().equals(first_scores)
+
+    texts.write_parquet(tmp_path / "pool.parquet", compression="uncompressed")  # the same rows, other bytes
+    storage.upload(tmp_path / "pool.parquet", f"{s3_dir}/pool/texts.parquet")
+    assert executor.run(stage, cfg.model_copy(update={"budget": 10})).status == "ran"
+    assert report()["derived"] == {"pool": ran, "target": skipped}
+    assert executor.read_marker(f"{out}/pool/embeddings").result["rows_now"] == 0  # its store resumed, complete
+    assert ranked().equals(first_scores)
 
     texts.head(120).write_parquet(tmp_path / "pool.parquet")
     storage.upload(tmp_path / "pool.parquet", f"{s3_dir}/pool/texts.parquet")

@@ -129,18 +129,22 @@ def check_same_encoder(pool: Candidates, target: Candidates) -> None:
 
 def _derived(name: str, cfg, force: bool) -> executor.Outcome:
     """Registered stage `name` on `cfg` through the executor: skipped when its output holds a
-    finished run of the same fingerprint, run (or resumed) otherwise. The output lies under
-    select-pool's OUT and belongs to it, so a finished run of another fingerprint there is
-    select-pool's own stale output: replaced, not refused (`force` in the stage's config lets a
-    feature store discard the old shards; fingerprints leave `force` out)."""
+    finished run of the same fingerprint, run otherwise; `force` redoes it from scratch.
+
+    The output lies under select-pool's OUT and belongs to it, so a feature store there made for
+    another request (an earlier input, a run killed before its marker) is select-pool's own stale
+    output: replaced, where the embed stage alone would refuse it. A store made for this very
+    request is resumed, so an input rewritten with the same rows reruns ingest but embeds nothing."""
+    from engine.features.embed import spec_for
     from engine.stages import STAGES  # the registry sits above this module: looked up when used
 
     stage = STAGES[name]
-    if "force" in type(cfg).model_fields:
+    if force and "force" in type(cfg).model_fields:
+        cfg = cfg.model_copy(update={"force": True})  # a feature store discards its finished shards too
+    elif name == "embed" and FeatureStore.exists(cfg.out):
         marker = executor.read_marker(cfg.out)
-        stale = marker is not None and (marker.stage, marker.fingerprint) != (name, executor.fingerprint(stage, cfg))
-        if force or stale:
-            cfg = cfg.model_copy(update={"force": True})
+        if marker is None or marker.fingerprint != executor.fingerprint(stage, cfg):
+            FeatureStore.prepare(cfg.out, spec_for(cfg)[0], replace_mismatch=True)
     return executor.run(stage, cfg, force=force)
 
 
