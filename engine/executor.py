@@ -167,10 +167,12 @@ def run(stage, cfg, force: bool = False) -> Outcome:
     """Run `stage` on `cfg` unless its output already holds a finished run of the same fingerprint."""
     out = getattr(cfg, stage.output) if stage.output else None
     fp = fingerprint(stage, cfg)
-    if out is not None and not force:
-        marker = read_marker(out)
-        if marker is not None and marker.fingerprint == fp and marker.stage == stage.name:
+    marker = read_marker(out) if out is not None else None
+    if marker is not None and marker.stage == stage.name:
+        if marker.fingerprint == fp and not force:
             return Outcome(stage.name, "skipped (done)", marker.seconds, fp, stage.result.model_validate(marker.result))
+        if stage.replace_stale:  # its own earlier output, for other settings or inputs: replaced
+            cfg = cfg.model_copy(update={"force": True})
     shared.check_output(out, getattr(cfg, "runtime", None))  # on a cluster, a local `out` every node sees
     started = time.perf_counter()
     if out is not None:

@@ -148,3 +148,41 @@ def test_adapter_folders_are_fingerprinted_by_content(tmp_path):
     assert (folder / "adapter_model.safetensors").stat().st_size == stat.st_size
     assert executor.folder_digest(folder) != before
     assert executor.folder_digest(folder) == executor.folder_digest(folder)  # cached by mtime, same answer
+
+
+class StoreConfig(StrictModel):
+    data: Uri | None = None
+    out: Uri | None = None
+    force: bool = False
+
+
+def _store(cfg: StoreConfig) -> CopyResult:
+    """A feature stage in miniature: a store whose request is the input's text, refused when OUT
+    holds another request's store unless `force` (as FeatureStore.prepare does for embed/grads)."""
+    from engine.features.store import FeatureStore, StoreSpec
+
+    text = storage.read_text(cfg.data)
+    FeatureStore.prepare(cfg.out, StoreSpec(kind="embeddings", fingerprint={"data": text}, dim=2, dtype="float32",
+                                            seed=None, rows=1, shard_rows=1), force=cfg.force)
+    return CopyResult(text=text)
+
+
+def test_a_feature_stage_replaces_its_own_store_when_an_input_changes(tmp_path):
+    """`sift run` after the data under an embed or grads step changed: the step's own finished
+    store (another request) is replaced, not refused; a store no finished run of the stage wrote
+    (an interrupted run of another request, someone else's folder) is still refused."""
+    from engine.errors import SiftError
+
+    stage = Stage("store", "toy", StoreConfig, CopyResult, _store, lambda r: None, lambda p: None, inputs=("data",),
+                  replace_stale=True)
+    assert STAGES["embed"].replace_stale and STAGES["grads"].replace_stale
+    source, out = tmp_path / "in.txt", str(tmp_path / "store")
+    source.write_text("a")
+    assert executor.run(stage, StoreConfig(data=str(source), out=out)).status == "ran"
+    source.write_text("b!")
+    assert executor.run(stage, StoreConfig(data=str(source), out=out)).result.text == "b!"
+    assert executor.run(stage, StoreConfig(data=str(source), out=out)).status == "skipped (done)"
+    storage.delete(storage.join(out, executor.MARKER))  # as a run of another request killed mid-way leaves it
+    source.write_text("c")
+    with pytest.raises(SiftError, match="holds a feature store for a different request"):
+        executor.run(stage, StoreConfig(data=str(source), out=out))
