@@ -47,7 +47,8 @@ def fit_subsets(G: torch.Tensor, f: torch.Tensor, masks: torch.Tensor, lam: floa
     lam = torch.as_tensor(lam, dtype=G.dtype)
     if (lam <= 0).any():
         raise SiftError(f"lambda must be > 0 (it keeps the fit well-posed), got {lam.min().item()}")
-    if not (torch.isfinite(G).all() and torch.isfinite(f).all()):
+    # In blocks: torch.isfinite makes an (n, d) mask, as large as the gradients themselves.
+    if not (all(torch.isfinite(G[i:i + 65_536]).all() for i in range(0, len(G), 65_536)) and torch.isfinite(f).all()):
         raise SiftError("gradient features contain NaN or infinite values; rebuild the store")
     M = masks.to(G.dtype)
     counts = M.sum(1)
