@@ -96,7 +96,7 @@ def ingest(cfg: IngestConfig) -> IngestSummary:
     runtime.start(cfg.runtime)
     try:
         staged = _receive(sources, cfg, staging)
-        summary = _write_outputs(staged, _duplicates(staged, staging), out, sources)
+        summary = _write_outputs(staged, repeated_ids(staged, staging), out, sources)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if summary.rows_out == 0:
@@ -178,7 +178,7 @@ def _read_files(batch, cfg: IngestConfig):
         yield readers.tally_table(source, rows)
 
 
-def _duplicates(staged: Staged, staging: Path) -> pl.DataFrame:
+def repeated_ids(staged: Staged, staging: Path) -> pl.DataFrame:
     """`order`, `first` of every row that repeats an earlier row's id, by order.
 
     All rows of an id share a bucket (a hash of the id picks it), so each bucket is checked on

@@ -225,7 +225,7 @@ def _store_from_parquet(spec: str, files: list[str], out: str) -> FeatureStore:
 def _check_rows(spec: str, files: list[str], scratch: Path) -> tuple[str, int, pl.DataFrame]:
     """First pass: (staged file of id, order, reason), the dimension, and (order, first) of every
     good row whose id an earlier good row has."""
-    from engine.data.ingest import Staged, _duplicates  # its bucketed check, on our staged rows
+    from engine.data.ingest import Staged, repeated_ids  # its bucketed check, on our staged rows
 
     staged = scratch / "ids.parquet"
     dims, passed, order = set(), 0, 0
@@ -241,7 +241,7 @@ def _check_rows(spec: str, files: list[str], scratch: Path) -> tuple[str, int, p
             order += frame.height
     if len(dims) != 1:
         raise _not_vectors(spec)
-    repeats = _duplicates(Staged(staged, {}, passed), scratch) if passed else pl.DataFrame(
+    repeats = repeated_ids(Staged(staged, {}, passed), scratch) if passed else pl.DataFrame(
         schema={"order": pl.Int64, "first": pl.Int64})
     return str(staged), dims.pop(), repeats
 
