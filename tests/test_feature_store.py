@@ -46,7 +46,7 @@ def _same(a: FeatureStore, b: FeatureStore) -> None:
     assert np.array_equal(np.asarray(a.vectors()), np.asarray(b.vectors()))
 
 
-def test_embeddings_cover_every_row_and_reruns_reuse(tweets_ingest, tmp_path):
+def test_embeddings_cover_every_row_and_reruns_reuse(tweets_ingest, tmp_path, monkeypatch):
     store, stats = embed(EmbedConfig(data=tweets_ingest, out=tmp_path / "emb", shard_rows=256))
     n = len(_ids(tweets_ingest))
     assert stats.shards_done_before == 0 and stats.rows == n
@@ -58,6 +58,21 @@ def test_embeddings_cover_every_row_and_reruns_reuse(tweets_ingest, tmp_path):
     again, stats = embed(EmbedConfig(data=tweets_ingest, out=tmp_path / "emb", shard_rows=256))
     assert stats.shards_done_before == 3 and stats.rows == 0
     _same(store, again)
+
+    # The embed stage's summary counts near-duplicates over every kept row of a small pool, and
+    # over a seeded sample of a large one (the driver never holds every vector).
+    from engine.index import near_duplicates
+    from engine.stages import embed as embed_stage
+
+    cfg = EmbedConfig(data=tweets_ingest, out=tmp_path / "emb", shard_rows=256)
+    whole = embed_stage.run(cfg)
+    vectors = np.asarray(FeatureStore(tmp_path / "emb").vectors())
+    assert whole.sample is None and whole.near_duplicates == (near_duplicates(vectors) >= 0).sum()
+    monkeypatch.setattr(embed_stage, "NEAR_DUPLICATE_ROWS", 100)
+    sampled = embed_stage.run(cfg)
+    rows = np.sort(np.random.default_rng(0).choice(len(vectors), 100, replace=False))
+    assert sampled.sample == 100 and sampled.line().endswith("near-duplicates at cosine >= 0.95 in a sample of 100")
+    assert sampled.near_duplicates == (near_duplicates(vectors[rows]) >= 0).sum()
 
 
 def test_a_store_is_never_reused_for_another_request(tweets_ingest, grads_reference, tmp_path):
