@@ -39,12 +39,12 @@ TEXTS = {
 TOLERANCE = 1e-4
 
 
-def server_for(tiny_manifest, log) -> ServerProcess | None:
+def server_for(tiny_manifest, folder) -> ServerProcess | None:
     """This module's server: conftest's `early_servers` starts it before the session's first test
     (the vLLM engine takes ~40 s to come up), unless there is no vLLM to run."""
     if not AVAILABLE:
         return None
-    return ServerProcess(tiny_manifest, "vllm", python=VLLM_PYTHON, log=log, ready_s=300,
+    return ServerProcess(tiny_manifest, "vllm", python=VLLM_PYTHON, log=folder / "server.log", ready_s=300,
                          extra=["--set", "dtype=float32"])
 
 
