@@ -95,6 +95,9 @@ class FeaturizeConfig(StrictModel):
                                                                  "default: one per GPU present, else none")
     trust_remote_code: bool = False
     force: bool = Field(False, description="discard an existing store at OUT and start over")
+    replace_mismatch: bool = Field(False, description="replace a store at OUT made for another request instead of "
+                                                      "refusing it (set by the executor when OUT holds this stage's "
+                                                      "own finished run); one made for this request is resumed")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

@@ -72,7 +72,8 @@ def input_digest(uri: str | os.PathLike | None) -> str:
 
 def settings_digest(cfg: BaseModel, exclude: set[str] | tuple[str, ...] = ()) -> str:
     """Digest of a config's settings, less where it runs and where it reads and writes."""
-    return digest(cfg.model_dump(mode="json", exclude={"data", "out", "force", "runtime", "actors", *exclude}))
+    return digest(cfg.model_dump(mode="json", exclude={"data", "out", "force", "replace_mismatch", "runtime", "actors",
+                                                       *exclude}))
 
 
 def data_digest(examples: str | os.PathLike) -> str:
@@ -171,8 +172,8 @@ def run(stage, cfg, force: bool = False) -> Outcome:
     if marker is not None and marker.stage == stage.name:
         if marker.fingerprint == fp and not force:
             return Outcome(stage.name, "skipped (done)", marker.seconds, fp, stage.result.model_validate(marker.result))
-        if stage.replace_stale:  # its own earlier output, for other settings or inputs: replaced
-            cfg = cfg.model_copy(update={"force": True})
+        if stage.replace_stale:  # its own earlier output, for other settings or inputs: replaced if it differs
+            cfg = cfg.model_copy(update={"replace_mismatch": True})
     shared.check_output(out, getattr(cfg, "runtime", None))  # on a cluster, a local `out` every node sees
     started = time.perf_counter()
     if out is not None:

@@ -153,17 +153,18 @@ def test_adapter_folders_are_fingerprinted_by_content(tmp_path):
 class StoreConfig(StrictModel):
     data: Uri | None = None
     out: Uri | None = None
-    force: bool = False
+    replace_mismatch: bool = False
 
 
 def _store(cfg: StoreConfig) -> CopyResult:
     """A feature stage in miniature: a store whose request is the input's text, refused when OUT
-    holds another request's store unless `force` (as FeatureStore.prepare does for embed/grads)."""
+    holds another request's store unless `replace_mismatch` (as FeatureStore.prepare does for embed/grads)."""
     from engine.features.store import FeatureStore, StoreSpec
 
     text = storage.read_text(cfg.data)
     FeatureStore.prepare(cfg.out, StoreSpec(kind="embeddings", fingerprint={"data": text}, dim=2, dtype="float32",
-                                            seed=None, rows=1, shard_rows=1), force=cfg.force)
+                                            seed=None, rows=1, shard_rows=1),
+                          replace_mismatch=cfg.replace_mismatch)
     return CopyResult(text=text)
 
 

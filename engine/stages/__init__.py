@@ -41,7 +41,8 @@ class Stage:
     ignore: tuple[str, ...] = ()  # settings that change speed, not results: left out of the fingerprint
     native_storage: bool = False  # reads and writes URIs itself (else the executor stages them locally)
     # When OUT holds this stage's own finished run for other settings or inputs, rerun with
-    # force=True: its store is replaced (a feature store refuses another request's store otherwise).
+    # replace_mismatch=True: its store is replaced if made for another request, resumed if not
+    # (a feature store refuses another request's store otherwise).
     replace_stale: bool = False
     command: tuple[str, ...] = ()  # CLI words when not just `name` (e.g. featurize embed)
 

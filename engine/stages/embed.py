@@ -41,5 +41,5 @@ def run(cfg: EmbedConfig) -> EmbedResult:
 
 STAGE = Stage("embed", "sentence embeddings (default model: the built-in minilm)", EmbedConfig, EmbedResult, run,
               show, featurize_arguments, inputs=("data", "model"), command=("featurize", "embed"),
-              ignore=("batch_size", "actors", "min_actors", "gpus_per_actor", "shard_rows"), native_storage=True,
-              replace_stale=True)
+              ignore=("batch_size", "actors", "min_actors", "gpus_per_actor", "shard_rows", "replace_mismatch"),
+              native_storage=True, replace_stale=True)

@@ -24,5 +24,5 @@ def arguments(p) -> None:
 
 STAGE = Stage("grads", "per-example LoRA gradients of a causal LM, projected to --dim", GradsConfig, FeaturesResult,
               run, show, arguments, inputs=("data", "model", "adapter"), command=("featurize", "grads"),
-              ignore=("batch_size", "actors", "min_actors", "gpus_per_actor", "shard_rows", "method",
-                      "projection_cache_mb"), native_storage=True, replace_stale=True)
+              ignore=("batch_size", "actors", "min_actors", "gpus_per_actor", "shard_rows", "replace_mismatch",
+                      "method", "projection_cache_mb"), native_storage=True, replace_stale=True)
