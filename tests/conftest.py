@@ -29,24 +29,35 @@ def ray_session(request):
     runtime.stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def early_servers(request, tmp_path_factory):
-    """The `sift serve` processes this session's test modules will use, started before the first
-    test: each takes 20-40 s to come up (its own Ray and Ray Serve, the model or the vLLM engine),
-    mostly spent in its own processes, so they come up while other tests run. A module opts in
-    with a `server_for(tiny_manifest, folder) -> ServerProcess | None` function (`folder`: a fresh
-    one for its files) and takes its server, ready, from the `early_server` fixture; each is
-    interrupted when its module ends and waited for at the session's end."""
-    modules = {item.module.__name__: item.module for item in request.session.items}
+SERVERS_AHEAD = 2  # modules before the first server module at which the servers start
+
+
+@pytest.fixture(scope="session")
+def early_servers():
+    """The `sift serve` processes of the session's server modules, by module name (started by
+    `_servers_ahead`), waited for at the session's end."""
     servers = {}
-    for name, module in sorted(modules.items()):
-        if hasattr(module, "server_for"):
-            server = module.server_for(request.getfixturevalue("tiny_manifest"), tmp_path_factory.mktemp("server"))
-            if server is not None:
-                servers[name] = server.start()
     yield servers
     for server in servers.values():
         server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _servers_ahead(request, early_servers, tmp_path_factory):
+    """Start the servers of the modules that define `server_for(tiny_manifest, folder) ->
+    ServerProcess | None` (`folder`: a fresh one for its files) when the session reaches the
+    module SERVERS_AHEAD before the first of them: each takes 20-40 s to come up (its own Ray and
+    Ray Serve, the model or the vLLM engine), so they come up while those tests run, and do not
+    sit idle through the whole session (Ray Serve's controllers poll). A server module takes its
+    server, ready, from the `early_server` fixture."""
+    modules = list(dict.fromkeys(item.module for item in request.session.items))
+    serving = [m for m in modules if hasattr(m, "server_for")]
+    if early_servers or not serving or modules.index(request.module) < modules.index(serving[0]) - SERVERS_AHEAD:
+        return
+    for module in serving:
+        server = module.server_for(request.getfixturevalue("tiny_manifest"), tmp_path_factory.mktemp("server"))
+        if server is not None:
+            early_servers[module.__name__] = server.start()
 
 
 @pytest.fixture(scope="module")
