@@ -67,7 +67,7 @@ def spec_for(cfg: EmbedConfig) -> tuple[StoreSpec, object]:
     return spec, examples
 
 
-def embed(cfg: EmbedConfig, replace_mismatch: bool = False) -> tuple[FeatureStore, runner.RunStats]:
-    """Embed cfg.data into the store at cfg.out (resumed; `replace_mismatch` for derived stores)."""
+def embed(cfg: EmbedConfig) -> tuple[FeatureStore, runner.RunStats]:
+    """Embed cfg.data into the store at cfg.out (resumed)."""
     spec, examples = spec_for(cfg)
-    return runner.run(cfg, spec, EmbedFeaturizer, examples, progress="embed", replace_mismatch=replace_mismatch)
+    return runner.run(cfg, spec, EmbedFeaturizer, examples, progress="embed")

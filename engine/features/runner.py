@@ -59,7 +59,6 @@ def run(
     featurizer: type[Featurizer],
     examples: str | Path,
     progress: str,
-    replace_mismatch: bool = False,
 ) -> tuple[FeatureStore, RunStats]:
     """Fill the store at cfg.out (a local folder or a URI) with `featurizer` over `examples`,
     skipping finished shards."""
@@ -68,7 +67,7 @@ def run(
 
     if cfg.out is None:
         raise SiftError("featurize needs --out DIR for the feature store")
-    store = FeatureStore.prepare(cfg.out, spec, force=cfg.force, replace_mismatch=replace_mismatch or cfg.replace_mismatch)
+    store = FeatureStore.prepare(cfg.out, spec, force=cfg.force, replace_mismatch=cfg.replace_mismatch)
     # The full request, so later stages can rebuild the anchor (model, LoRA, projection) exactly,
     # from any working directory (Ray Tune and Train workers run elsewhere): paths made absolute.
     storage.write_text(store.path(CONFIG), _absolute_paths(cfg).model_dump_json(indent=2, exclude={"runtime"}))

@@ -135,17 +135,13 @@ def _derived(name: str, cfg, force: bool) -> executor.Outcome:
     another request (an earlier input, a run killed before its marker) is select-pool's own stale
     output: replaced, where the embed stage alone would refuse it. A store made for this very
     request is resumed, so an input rewritten with the same rows reruns ingest but embeds nothing."""
-    from engine.features.embed import spec_for
     from engine.stages import STAGES  # the registry sits above this module: looked up when used
 
-    stage = STAGES[name]
     if force and "force" in type(cfg).model_fields:
         cfg = cfg.model_copy(update={"force": True})  # a feature store discards its finished shards too
-    elif name == "embed" and FeatureStore.exists(cfg.out):
-        marker = executor.read_marker(cfg.out)
-        if marker is None or marker.fingerprint != executor.fingerprint(stage, cfg):
-            FeatureStore.prepare(cfg.out, spec_for(cfg)[0], replace_mismatch=True)
-    return executor.run(stage, cfg, force=force)
+    elif "replace_mismatch" in type(cfg).model_fields:  # not fingerprinted: a finished run is still skipped
+        cfg = cfg.model_copy(update={"replace_mismatch": True})
+    return executor.run(STAGES[name], cfg, force=force)
 
 
 def _ingested(spec: str, work: str, cfg: SelectPoolConfig) -> tuple[str, int, pl.DataFrame, dict[str, str]]:
