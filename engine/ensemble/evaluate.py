@@ -83,13 +83,17 @@ def score_rows(ensemble: EnsembleModel, rows: pl.DataFrame, models: list[str | N
 
 
 def report(ensemble: EnsembleModel, scores: dict[str, TaskScores]) -> dict:
-    """Per task: the ensemble's metrics (the manifest's combination), each adapter's alone and
-    the bare base model's (`base`) when it was scored."""
+    """Per task: the ensemble's metrics (the manifest's combination), each adapter's alone, the
+    name of the task's own adapter (`own`: the group adapter trained on it, if any) and the bare
+    base model's (`base`) when it was scored: an adapter should beat the base on its own tasks."""
     tasks = {}
     for task, s in scores.items():
         tasks[task] = {"ensemble": metrics.classification(s.combined(ensemble.manifest, task), s.gold),
                        "adapters": {a.name: metrics.classification(s.probs(a.name), s.gold)
                                     for a in ensemble.manifest.adapters if a.name in s.logprobs}}
+        own = [a.name for a in ensemble.manifest.adapters if a.kind == "group" and task in a.tasks]
+        if own and own[0] in s.logprobs:
+            tasks[task]["own"] = own[0]
         if None in s.logprobs:
             tasks[task]["base"] = metrics.classification(s.probs(None), s.gold)
     average = {k: float(np.mean([t["ensemble"][k] for t in tasks.values()])) for k in ("accuracy", "macro_f1", "nll")}
@@ -118,13 +122,15 @@ def evaluate(manifest_path: str | Path, data: str | Path, split: str | None = No
 
 
 def show(result: dict, title: str = "Ensemble") -> None:
-    def base(t: dict) -> str:
-        return f"{t['base']['accuracy']:.3f}" if "base" in t else ""
+    """The ensemble's metrics per task, beside the task's own adapter alone and the bare base
+    model (accuracy / NLL): whether each adapter learned its own tasks."""
+    def pair(m: dict | None) -> str:
+        return f"{m['accuracy']:.3f} / {m['nll']:.3f}" if m else ""
 
     rows = [(task, str(t["ensemble"]["rows"]), f"{t['ensemble']['accuracy']:.3f}", f"{t['ensemble']['macro_f1']:.3f}",
-             f"{t['ensemble']['nll']:.3f}", f"{max(a['accuracy'] for a in t['adapters'].values()):.3f}", base(t))
+             f"{t['ensemble']['nll']:.3f}", pair(t["adapters"].get(t.get("own"))), pair(t.get("base")))
             for task, t in result["tasks"].items()]
     avg = result["average"]
     rows.append(("average", "", f"{avg['accuracy']:.3f}", f"{avg['macro_f1']:.3f}", f"{avg['nll']:.3f}", "", ""))
-    table(f"{title} on {result['split']} rows", ["task", "rows", "accuracy", "macro-F1", "NLL", "best single adapter",
-                                                 "base model"], rows)
+    table(f"{title} on {result['split']} rows", ["task", "rows", "accuracy", "macro-F1", "NLL",
+                                                 "own adapter acc / NLL", "base model acc / NLL"], rows)
