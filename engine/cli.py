@@ -15,10 +15,13 @@ from typing import Any
 from engine.errors import SiftError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool | None = None) -> int:
+    """Run one sift command. `own_process`: whether sift owns this process (the `sift` command or a
+    job entrypoint in jobs/, not a caller such as pytest), so C-level stderr may go to the log
+    file; by default, only when argv comes from the command line."""
     parser = _parser()
     args = parser.parse_args(argv)
-    args.own_process = argv is None  # the `sift` command itself, not a caller's main([...])
+    args.own_process = argv is None if own_process is None else own_process
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0

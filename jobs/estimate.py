@@ -11,4 +11,4 @@ import sys
 from engine.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["estimate", *sys.argv[1:]]))
+    sys.exit(main(["estimate", *sys.argv[1:]], own_process=True))

@@ -14,4 +14,4 @@ import sys
 from engine.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["select-pool", *sys.argv[1:]]))
+    sys.exit(main(["select-pool", *sys.argv[1:]], own_process=True))
