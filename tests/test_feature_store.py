@@ -219,6 +219,31 @@ def test_a_remote_store_streams_shard_by_shard(s3_dir, monkeypatch):
     assert store.size_bytes() == sum(storage.size(f) for f in storage.list_files(storage.join(s3_dir, "shards")))
 
 
+def test_a_local_store_reads_the_rows_asked_for_without_mapping_its_shards(tmp_path):
+    """Rows gathered from a local store are read, not mapped (issue 13): a touched page of a mapped
+    shard stayed in the driver's RSS while the map lived (the kernel maps the page-cache folio
+    around each row, ~2 MB with a large readahead: 2,000 random rows kept most of a store
+    resident), and 100M rows in 1,024-row shards would pass Linux's 65,530 maps. Any order,
+    repeats and a whole pass read the same; a shard file of another dtype is refused, not misread."""
+    store, expected = _synthetic_store(str(tmp_path / "s"), rows=1200, shard_rows=4)
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    before = maps()
+    vectors = store.vectors()
+    rows = np.r_[np.arange(1199, -1, -7), [3, 3, 1198]]  # every one of the 300 shards, reversed, repeats
+    picked = vectors[rows]
+    assert maps() - before < 10
+    assert np.array_equal(picked, expected[rows]) and np.array_equal(vectors[5], expected[5])
+    assert np.array_equal(np.asarray(vectors), expected) and maps() - before < 10
+    np.save(tmp_path / "s" / "shards" / "00007.npy", expected[28:32].astype(np.float64))
+    with pytest.raises(SiftError, match=r"00007.npy: holds a float64 array of shape \(4, 8\); the manifest says "
+                                        r"\(4, 8\) float32"):
+        store.vectors()
+
+
 def test_objects_without_a_manifest_are_never_taken_for_finished_shards(s3_dir):
     """A prefix holding shard-like objects but no manifest (a store whose manifest was lost, files
     copied from elsewhere) gets a fresh store: none of those objects can be shown to be its own."""

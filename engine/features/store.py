@@ -17,9 +17,15 @@ overwritten. A store is never silently reused for a different request: the manif
 must match, and a new manifest is only written after clearing shards/ (files there without a
 manifest cannot be shown to belong to this request).
 
-Local stores are read memory-mapped. Remote stores are read shard by shard: `vectors()` fetches a
-shard when its rows are asked for (a few recent shards kept in memory), `iter_batches` streams
-them with the next shard already downloading.
+Local stores: rows asked for by index (`vectors()[rows]`) are read with explicit reads, never
+through a map: a touched page of a mapped file counts in the process's RSS for as long as the map
+lives, and the kernel maps whole page-cache folios around each touched row (up to megabytes with a
+large readahead), so a few thousand rows gathered at random kept most of a store resident (issue
+13). A pass over shards (`iter_batches`, `read_into`, `shard_vectors`) maps one shard at a time,
+unmapped when the next is read: at most two maps at once, whatever the number of shards (Linux
+allows 65,530 per process). Remote stores are read shard by shard: `vectors()` fetches a shard
+when its rows are asked for (a few recent shards kept in memory), `iter_batches` streams them with
+the next shard already downloading.
 """
 
 from __future__ import annotations
@@ -46,7 +52,6 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 SHARDS = "shards"
 CACHE_BYTES = 256 << 20  # remote shards kept in memory for random access
-MAX_MAPS = 1024  # local shards kept memory-mapped for random access (100M rows of 1,024-row shards: 97,657)
 FETCH_THREADS = 8  # parallel GETs when many small shard files are read from object storage
 WRITER_NODE = "sift.ray_node"  # rows-file metadata: the Ray node that wrote the shard
 
@@ -167,16 +172,17 @@ class FeatureStore:
         return pl.concat(self._each_shard(lambda k: storage.read_parquet(self._files(k)[2])))
 
     def vectors(self) -> "ShardedVectors":
-        """Every stored vector as one (n, dim) view aligned with `rows()`: memory-mapped shards for
-        a local store, shards fetched on demand for a remote one."""
+        """Every stored vector as one (n, dim) view aligned with `rows()`: rows read from the
+        shard files as they are asked for (local), or shards fetched on demand (remote)."""
         self.check_complete()
         dtype = np.dtype(self.spec.dtype)
-        if not self.remote:  # shards mapped when read, at most MAX_MAPS at once: Linux allows 65,530 maps
-            counts = [_npy_rows(self._files(k)[0]) for k in range(self.spec.num_shards)]
-            mapped = functools.lru_cache(maxsize=MAX_MAPS)(self.shard_vectors)
-            return ShardedVectors(counts, self.spec.dim, dtype, mapped, self.shard_vectors)
+        if not self.remote:
+            layouts = [_npy_layout(self._files(k)[0], dtype, self.spec.dim) for k in range(self.spec.num_shards)]
+            counts = [rows for rows, _ in layouts]
+            read = functools.partial(self._read_rows, [start for _, start in layouts])
+            return ShardedVectors(counts, self.spec.dim, dtype, read, self.shard_vectors)
         counts = self._each_shard(lambda k: storage.parquet_rows(self._files(k)[1]))
-        return ShardedVectors(counts, self.spec.dim, dtype, self._cached_shard, self._fetch_shard)
+        return ShardedVectors(counts, self.spec.dim, dtype, self._cached_rows, self._fetch_shard)
 
     def shard_vectors(self, k: int) -> np.ndarray:
         """Shard k's vectors: memory-mapped from a local store, downloaded (and kept in a small
@@ -206,6 +212,26 @@ class FeatureStore:
     def size_bytes(self) -> int:
         return storage.size(storage.join(self.root, SHARDS))
 
+    def _read_rows(self, starts: list[int], k: int, at: np.ndarray) -> np.ndarray:
+        """Rows `at` of local shard k (whose vectors begin at byte `starts[k]` of its file), read
+        with one explicit read per run of consecutive rows straight into the returned array: the
+        file's pages stay in the page cache, never in this process's RSS."""
+        wanted, inverse = np.unique(at, return_inverse=True)
+        out = np.empty((len(wanted), self.spec.dim), dtype=self.spec.dtype)
+        if not len(wanted):
+            return out
+        row_bytes = out.strides[0]
+        flat = out.reshape(-1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        with open(self._files(k)[0], "rb", buffering=0) as f:
+            for first, end in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(wanted)]])):
+                at_byte = starts[k] + int(wanted[first]) * row_bytes
+                _read_exactly(f.fileno(), flat[first * row_bytes:end * row_bytes], at_byte)
+        return out if np.array_equal(wanted, at) else out[inverse]
+
+    def _cached_rows(self, k: int, at: np.ndarray) -> np.ndarray:
+        return self._cached_shard(k)[at]
+
     def _fetch_shard(self, k: int) -> np.ndarray:
         return np.load(io.BytesIO(storage.read_bytes(self._files(k)[0])))
 
@@ -234,14 +260,15 @@ class ShardedVectors:
     """A store's shards seen as one (n, dim) array; indexing reads only the shards asked for."""
 
     def __init__(self, counts: list[int], dim: int, dtype: np.dtype,
-                 shard: Callable[[int], np.ndarray], fetch: Callable[[int], np.ndarray] | None = None):
-        """`shard(k)`: shard k's vectors (memory-mapped or cached); `fetch(k)`: the same without
-        caching, for a pass over every shard (default: `shard`)."""
+                 gather: Callable[[int, np.ndarray], np.ndarray], fetch: Callable[[int], np.ndarray]):
+        """`gather(k, at)`: rows `at` (positions within the shard) of shard k, for random access;
+        `fetch(k)`: shard k's vectors whole (memory-mapped or downloaded, not cached), for a pass
+        over the shards."""
         self.offsets = np.cumsum([0] + counts)
         self.dim = dim
         self.dtype = dtype
-        self._shard = shard
-        self._fetch = fetch or shard
+        self._gather = gather
+        self._fetch = fetch
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -262,7 +289,7 @@ class ShardedVectors:
         out = np.empty((len(rows), self.dim), dtype=self.dtype)
         for k in np.unique(shard):
             where = shard == k
-            out[where] = self._shard(int(k))[rows[where] - self.offsets[k]]
+            out[where] = self._gather(int(k), rows[where] - self.offsets[k])
         return out
 
     def __array__(self, dtype=None, copy=None):
@@ -312,12 +339,28 @@ def _ray_node() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
-def _npy_rows(path: str) -> int:
-    """Rows of a local .npy file, from its header (without mapping it)."""
+def _npy_layout(path: str, dtype: np.dtype, dim: int) -> tuple[int, int]:
+    """(rows, byte offset of the first row) of a local .npy shard, from its header (without
+    mapping it). Its rows are read by offset, so a shard other than a C-ordered (rows, dim) array
+    of `dtype` is an error."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return read(f)[0][0]
+        shape, fortran_order, stored = read(f)
+        if fortran_order or stored != dtype or len(shape) != 2 or shape[1] != dim:
+            raise SiftError(f"{path}: holds a {'Fortran-ordered ' if fortran_order else ''}{stored} array of shape "
+                            f"{shape}; the manifest says ({shape[0] if shape else '?'}, {dim}) {dtype}")
+        return shape[0], f.tell()
+
+
+def _read_exactly(fd: int, buffer: np.ndarray, offset: int) -> None:
+    """Fill `buffer` from byte `offset` of file `fd` (a read may return less than asked)."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise SiftError(f"a feature store shard ended {len(buffer) - done} bytes early (truncated file?)")
+        done += got
 
 
 def _differences(old: dict, new: dict) -> str:

@@ -167,7 +167,8 @@ class StatusPeaks:
     """Peaks of this process's resident memory by kind, sampled from /proc/self/status: RssAnon
     (its own heap: what grows if the driver holds rows), RssShmem (pages of Ray's shared-memory
     object store it has touched while reading blocks: bounded by the store's size, shared with
-    the workers) and RssFile (mapped files: memory-mapped shards, libraries)."""
+    the workers) and RssFile (mapped files: libraries, and the store shard a pass maps at a time;
+    rows gathered by index are read, not mapped)."""
 
     FIELDS = ("RssAnon", "RssShmem", "RssFile")
 
