@@ -166,6 +166,8 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
 
     from engine.cli import main
 
+    import polars as pl
+
     tasks = "[tweet-polarity, wordnet-animal-plant, wordnet-person-location, fortunes-law-politics]"
     assert main(["suite", "--out", str(tmp_path / "suite"), "--per-task", "40", "--set", f"tasks={tasks}"]) == 0
     assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
@@ -195,6 +197,32 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
     converged = report["variants"][0]
     assert converged["name"] == "converged (no radius)" and min(converged["update_norm"]) > radius
     assert (tmp_path / "cal" / "calibration.png").is_file()
+    # every target row's f, paired by id: the anchor's, each estimate's, each fine-tune's per curve point
+    rows = pl.read_parquet(tmp_path / "cal" / "rows.parquet")
+    n = rows.filter(pl.col("source") == "anchor").height
+    assert rows.filter(pl.col("source") == "fine-tune").height == 3 * 2 * n
+    final = rows.filter((pl.col("source") == "fine-tune") & (pl.col("step") == 6)).sort("subset")
+    losses = final.group_by("subset", maintain_order=True).agg((-pl.col("f")).exp().log1p().mean())["f"]
+    assert losses.to_list() == pytest.approx(report["real_loss"], rel=1e-6)
+
+    # a second seed per subset: the first seed's fine-tunes are reused, each real loss is the mean
+    from engine.config import CalibrateConfig
+    from engine.select.tasks.calibrate import calibrate
+
+    again = calibrate(CalibrateConfig(data=str(tmp_path / "suite"), grads=str(tmp_path / "grads"),
+                                      target=["wordnet-animal-plant"], out=str(tmp_path / "cal"), subsets=3, steps=6,
+                                      eval_rows=16, lr=3e-3, eval_every=3), seeds=2)
+    assert [c["seed"] for c in again["curves"]] == [0, 1] * 3 and again["seeds"] == 2
+    def trained(curve: dict) -> dict:  # a fine-tune's results, not its timing
+        return {k: v for k, v in curve.items() if k != "seconds"}
+
+    assert [trained(c) for c in again["curves"] if c["seed"] == 0] == [trained(c) for c in curves]
+    assert [losses[0] for losses in again["real_loss_by_seed"]] == report["real_loss"]
+    assert again["real_loss"] == pytest.approx([np.mean(s) for s in again["real_loss_by_seed"]])
+    assert again["seed_spearman"] is not None
+    # kept by what they depend on: a subset drawn twice (3 candidates, 2 in each) is one fine-tune per seed
+    distinct = len({tuple(s) for s in report["subsets"]})
+    assert len(list((tmp_path / "cal" / "fine-tunes").iterdir())) == 2 * distinct
 
 
 def test_clusters_of_gradients_become_the_units():

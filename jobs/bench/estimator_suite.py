@@ -101,14 +101,74 @@ def approximation_only(args) -> dict:
             "lora_factors": len(anchor.lora), "featurize_s": round(featurize_s, 1), "approximation": rows}
 
 
+def build_suite(out: Path, per_task: int, target: str, target_rows: int | None) -> None:
+    """`sift suite` with 4 noisy groups (2 shuffled); with `target_rows`, the target keeps its
+    training rows (80% of per_task) and gets `target_rows` validation rows, drawn from the same
+    corpus in the same way: the rows every estimate and every real fine-tune are scored on."""
+    if target_rows is None:
+        run("suite", "--out", str(out), "--per-task", str(per_task), "--set", f"tasks={TASKS}",
+            "--noisy-groups", "4", "--noisy-shuffled", "2")
+        return
+    from engine.data import suite
+
+    train = per_task - round(0.2 * per_task)
+    others = [t for t in TASKS.strip("[]").split(", ") if t != target]
+    frame = pl.concat([suite.build(per_task, tasks=others, noisy_groups=4, noisy_shuffled=2),
+                       suite.build(train + target_rows, validation=target_rows / (train + target_rows),
+                                   tasks=[target])])
+    out.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out / "suite.parquet")
+    run("ingest", str(out / "suite.parquet"), "--out", str(out))
+
+
+def protocol(calibration: Path, first_rows: int) -> list[dict]:
+    """The same fine-tunes and estimates judged under each protocol, from calibrate's rows.parquet:
+    the real loss of a subset on the first `first_rows` target rows or all of them, from its
+    first seed or the mean over its seeds, at the last curve point or the mean of the last two."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rows = pl.read_parquet(calibration / "rows.parquet").with_columns(loss=(-pl.col("f")).exp().log1p())
+    ids = rows.filter(pl.col("source") == "anchor")["id"]
+    steps = sorted(rows.filter(pl.col("source") == "fine-tune")["step"].unique())
+    seeds = sorted(rows.filter(pl.col("source") == "fine-tune")["seed"].unique())
+    out = []
+    for n in (first_rows, len(ids)):
+        scored = rows.filter(pl.col("id").is_in(ids.head(n).to_list()))
+        anchor = scored.filter(pl.col("source") == "anchor")["loss"].mean()
+        estimated = scored.filter(pl.col("source") == "estimate").group_by("subset").agg(pl.col("loss").mean()) \
+            .sort("subset")["loss"].to_numpy()
+        for which, chosen_seeds in (("first seed", seeds[:1]), (f"mean of {len(seeds)} seeds", seeds)):
+            for point, chosen_steps in ((f"step {steps[-1]}", steps[-1:]), (f"mean of steps {steps[-2]}, {steps[-1]}", steps[-2:])):
+                if len(chosen_steps) < 1 or (len(chosen_seeds) > 1 and len(seeds) < 2):
+                    continue
+                tuned = scored.filter((pl.col("source") == "fine-tune") & pl.col("seed").is_in(chosen_seeds)
+                                      & pl.col("step").is_in(chosen_steps))
+                per_seed = tuned.group_by("subset", "seed").agg(pl.col("loss").mean()).sort("subset", "seed")
+                real = per_seed.group_by("subset").agg(pl.col("loss").mean()).sort("subset")["loss"].to_numpy()
+                by_seed = per_seed.pivot(on="seed", index="subset", values="loss").sort("subset").drop("subset")
+                out.append({
+                    "target_rows": n, "real_loss": which, "point": point,
+                    "spearman": round(float(spearmanr(estimated, real).statistic), 3),
+                    "relative_error": round(float(np.mean((real - estimated) ** 2 / real ** 2)), 4),
+                    "constant_relative_error": round(float(np.mean((real - anchor) ** 2 / real ** 2)), 4),
+                    "real_spread": round(float(real.max() - real.min()), 4),
+                    "seed_spearman": round(float(spearmanr(by_seed[:, 0], by_seed[:, 1]).statistic), 3)
+                    if by_seed.width >= 2 else None})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="26,27,28,29", help="LoRA layers (empty: all)")
     parser.add_argument("--per-task", type=int, default=120)
     parser.add_argument("--target", default="wordnet-animal-plant")
+    parser.add_argument("--target-rows", type=int, help="the target's validation rows (default: 20%% of --per-task)")
     parser.add_argument("--subsets", type=int, default=200)
     parser.add_argument("--calibrate-subsets", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=1, help="real fine-tunes per subset (batch orders); "
+                                                            "the real loss is their mean")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -124,6 +184,8 @@ def main() -> None:
                         help="--approximation-only: update sizes, multiples of the fitted w")
     parser.add_argument("--approximation-only", action="store_true",
                         help="only the approximation error, in-process, lifts side by side (with --anchor fresh)")
+    parser.add_argument("--until", choices=["select", "calibrate"], default="calibrate",
+                        help="stop after this step (a later run with the same --out goes on from there)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-estimator"))
     args = parser.parse_args()
     if args.approximation_only:
@@ -132,8 +194,18 @@ def main() -> None:
     out = args.out
     timings = {}
     started = time.perf_counter()
-    run("suite", "--out", str(out / "suite"), "--per-task", str(args.per_task), "--set", f"tasks={TASKS}",
-        "--noisy-groups", "4", "--noisy-shuffled", "2")
+
+    def step(name: str, done: Path, *command) -> None:
+        """Run a step unless `done` shows an earlier run in this --out finished it."""
+        if done.exists():
+            timings[f"{name}_s"] = "reused"
+            return
+        t = time.perf_counter()
+        command[0](*command[1:])
+        timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
+
+    step("suite", out / "suite" / "summary.json", build_suite, out / "suite", args.per_task, args.target,
+         args.target_rows)
     grads = ["featurize", "grads", "--data", str(out / "suite"), "--out", str(out / "grads"), "--model", args.model,
              "--max-length", str(args.max_length), "--dim", "400"]
     if args.layers:
@@ -141,54 +213,59 @@ def main() -> None:
     if args.anchor == "meta" and args.anchor_adapter:
         grads += ["--adapter", str(args.anchor_adapter)]
     elif args.anchor == "meta":
-        t = time.perf_counter()
         train = ["train-lora", "--data", str(out / "suite"), "--model", args.model, "--out", str(out / "anchor"),
                  "--epochs", str(args.meta_epochs), "--set", f"max_length={args.max_length}"]
         if args.layers:
             train += ["--set", f"lora.layers=[{args.layers}]"]
-        run(*train)
-        timings["meta_anchor_s"] = round(time.perf_counter() - t, 1)
+        step("meta_anchor", out / "anchor" / "adapter" / "adapter_model.safetensors", run, *train)
         grads += ["--adapter", str(out / "anchor" / "adapter")]
     t = time.perf_counter()
-    run(*grads)
+    run(*grads)  # a finished store for the same request is kept as it is
     timings["grads_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
+    select_out = out / ("select" if args.radius is None else f"select-radius-{args.radius:g}")
     select = ["select-tasks", "--data", str(out / "suite"), "--grads", str(out / "grads"), "--target", args.target,
-              "--out", str(out / "select"), "--subsets", str(args.subsets), "--set", f"lam={args.lam}"]
-    run(*select, *(["--set", f"fit.radius={args.radius}"] if args.radius else []))
-    timings["select_tasks_s"] = round(time.perf_counter() - t, 1)
-    tasks = pl.read_parquet(out / "select" / "tasks.parquet")
+              "--out", str(select_out), "--subsets", str(args.subsets), "--set", f"lam={args.lam}"]
+    step("select_tasks", select_out / "report.json", run,
+         *select, *(["--set", f"fit.radius={args.radius}"] if args.radius else []))
+    tasks = pl.read_parquet(select_out / "tasks.parquet")
     rank = {t: i for i, t in enumerate(tasks["task"].to_list())}  # sorted: most helpful first
     clean, shuffled = ["noisy-group-0", "noisy-group-1"], ["noisy-group-2", "noisy-group-3"]
-    t = time.perf_counter()
-    run("estimate", "--calibrate", "--data", str(out / "suite"), "--grads", str(out / "grads"), "--target",
-        args.target, "--out", str(out / "calibrate"), "--subsets", str(args.calibrate_subsets), "--steps",
-        str(args.steps), "--set", f"lam={args.lam}", "--set", f"lr={args.lr}", "--set", f"eval_every={args.eval_every}")
-    timings["calibrate_s"] = round(time.perf_counter() - t, 1)
-    calibration = json.loads((out / "calibrate" / "calibration.json").read_text())
+    report = json.loads((select_out / "report.json").read_text())
     result = {
         "model": args.model, "lora_layers": args.layers or "all", "target": args.target, "anchor": args.anchor,
-        "settings": {"per_task": args.per_task, "max_length": args.max_length, "lam": args.lam, "steps": args.steps,
-                     "lr": args.lr, "fine_tunes": args.calibrate_subsets, "select_tasks_radius": args.radius},
+        "settings": {"per_task": args.per_task, "target_rows": args.target_rows, "max_length": args.max_length,
+                     "lam": args.lam, "steps": args.steps, "lr": args.lr, "fine_tunes": args.calibrate_subsets,
+                     "seeds": args.seeds, "select_tasks_radius": args.radius},
         "task_ranking": dict(zip(tasks["task"].to_list(), [round(v, 5) for v in tasks["ensemble_score"]])),
         "noisy_check_passed": max(rank[c] for c in clean) < min(rank[s] for s in shuffled),
-        "selected": json.loads((out / "select" / "report.json").read_text())["selected"],
-        "estimates": json.loads((out / "select" / "report.json").read_text())["estimates"],
-        "approximation_at_smallest_update": min(calibration["approximation"], key=lambda a: a["scale"]),
-        "calibration": {k: calibration[k] for k in (
-            "mean_squared_relative_error", "spearman", "constant_mean_squared_relative_error", "constant_as_good",
-            "anchor_loss", "real_loss_spread", "fine_tunes_lowering_target_loss", "estimate_seconds",
-            "real_fine_tune_seconds", "time_ratio", "approximation", "lifted_factors", "radius", "measured_radius",
-            "variants", "estimated_update_norm", "real_projected_update_norm", "real_update_norm",
-            "linearised_real_loss", "estimated_loss", "real_loss", "estimated_accuracy", "real_accuracy",
-            "estimated_macro_f1", "real_macro_f1", "warnings")},
-        "root_mean_squared_relative_error": {
-            "estimator": calibration["mean_squared_relative_error"] ** 0.5,
-            "constant": calibration["constant_mean_squared_relative_error"] ** 0.5,
-            **{v["name"]: v["mean_squared_relative_error"] ** 0.5 for v in calibration["variants"]}},
-        "target_losses_along_the_fine_tunes": [c["target_loss"] for c in calibration["curves"]],
-        "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
-    }
+        "selected": report["selected"], "estimates": report["estimates"]}
+    if args.until == "calibrate":
+        from engine.config import CalibrateConfig
+        from engine.select.tasks.calibrate import calibrate
+
+        t = time.perf_counter()
+        calibrate(CalibrateConfig(data=str(out / "suite"), grads=str(out / "grads"), target=[args.target],
+                                  out=str(out / "calibrate"), subsets=args.calibrate_subsets, steps=args.steps,
+                                  lam=args.lam, lr=args.lr, eval_every=args.eval_every), seeds=args.seeds)
+        timings["calibrate_s"] = round(time.perf_counter() - t, 1)
+        calibration = json.loads((out / "calibrate" / "calibration.json").read_text())
+        result |= {
+            "approximation_at_smallest_update": min(calibration["approximation"], key=lambda a: a["scale"]),
+            "calibration": {k: calibration[k] for k in (
+                "mean_squared_relative_error", "spearman", "constant_mean_squared_relative_error",
+                "constant_as_good", "seed_spearman", "anchor_loss", "real_loss_spread",
+                "fine_tunes_lowering_target_loss", "estimate_seconds", "real_fine_tune_seconds", "time_ratio",
+                "approximation", "lifted_factors", "radius", "measured_radius", "variants",
+                "estimated_update_norm", "real_projected_update_norm", "real_update_norm", "linearised_real_loss",
+                "estimated_loss", "real_loss", "real_loss_by_seed", "estimated_accuracy", "real_accuracy",
+                "estimated_macro_f1", "real_macro_f1", "warnings")},
+            "root_mean_squared_relative_error": {
+                "estimator": calibration["mean_squared_relative_error"] ** 0.5,
+                "constant": calibration["constant_mean_squared_relative_error"] ** 0.5,
+                **{v["name"]: v["mean_squared_relative_error"] ** 0.5 for v in calibration["variants"]}},
+            "protocols": protocol(out / "calibrate", first_rows=20),
+            "target_losses_along_the_fine_tunes": [c["target_loss"] for c in calibration["curves"]]}
+    result["seconds"] = {**timings, "total": round(time.perf_counter() - started, 1)}
     print(json.dumps(result, indent=2))
 
 

@@ -11,7 +11,13 @@
     so a run whose fine-tunes do not lower the target loss is seen at once). The loss compared with
     the estimate is the estimator's own: softplus(-f) of the gold answer on the target's
     validation rows; accuracy and macro-F1 are the argmax over the task's labels, for the
-    estimate and the fine-tunes alike.
+    estimate and the fine-tunes alike. With `seeds` > 1 each subset is fine-tuned once per batch
+    order and its real loss is their mean: one fine-tune's target loss moves by about as much
+    between seeds as the subsets differ (issue 14), and the estimate stands for the subset, not
+    for one batch order; `seed_spearman` (one seed's ranking against another's) says how much
+    ranking the real fine-tunes themselves carry. rows.parquet keeps every target row's f, for
+    each estimate and each fine-tune at each curve point; finished fine-tunes are kept under
+    OUT/fine-tunes/ and reused by a rerun.
 (c) A constant predictor ("every subset = the anchor's loss") beside the estimator: a relative
     error it reaches too says little, and is called out.
 (d) The update radius. A fine-tune of a fixed budget (steps x lr) gets only so far; the
@@ -61,13 +67,17 @@ class Approximation:
 
 @dataclass
 class FineTune:
-    """One real fine-tune: the target quality at its end and its target-loss curve."""
+    """One real fine-tune (one subset, one seed): the target quality at its end and its
+    target-loss curve. The curve starts after the first `eval_every` steps: at step 0 every
+    fine-tune is the anchor, whose target loss the calibration reads off the store once."""
 
+    seed: int  # of the batch order (the LoRA starts from the anchor: nothing else is random)
     loss: float  # softplus(-f) of the gold answer, target validation rows
     accuracy: float
     macro_f1: float
     curve_steps: list[int]
     curve_target_loss: list[float]
+    curve_scores: list[list[float]]  # f of every target validation row at each curve point (rows.parquet)
     train_loss: list[float]  # every optimizer step's cross-entropy
     train_rows: int
     seconds: float
@@ -102,11 +112,20 @@ class Calibration:
     constant_mean_squared_relative_error: float
     constant_as_good: bool  # the constant's relative error is at most the estimator's
     real_loss_spread: float  # max - min of the real losses: how much the subsets differ at all
-    fine_tunes_lowering_target_loss: int  # curves whose last point is below their first
+    # Each subset is fine-tuned `seeds` times (batch orders); its real loss is their mean. The
+    # seeds' Spearman (first two seeds over the subsets) is how well one real fine-tune ranks
+    # another of the same subsets: the ceiling for any estimate judged against one seed.
+    seeds: int
+    real_loss_by_seed: list[list[float]]
+    seed_spearman: float | None
+    fine_tunes_lowering_target_loss: int  # fine-tunes whose last target loss is below the anchor's
     # The update sizes side by side: |w| of each estimate, |u| = |P^T (theta - theta*)| and
     # |theta - theta*| of the real fine-tunes, and the first-order model evaluated at the real
     # update u (f*_val + G_val . u): how well first order can do at the size of a real fine-tune.
+    # Per subset: estimated_update_norm, linearised_real_loss (the mean over its fine-tunes); per
+    # fine-tune (subset by subset, `fine_tune_subset` its subset's index): the rest.
     estimated_update_norm: list[float]
+    fine_tune_subset: list[int]
     real_update_norm: list[float]
     real_projected_update_norm: list[float]
     linearised_real_loss: list[float]
@@ -120,7 +139,7 @@ class Calibration:
     lifted_factors: int
     estimate_seconds: float
     label_rows_seconds: float
-    real_fine_tune_seconds: float
+    real_fine_tune_seconds: float  # the fine-tunes' own seconds, summed (one CPU each)
     time_ratio: float
     warnings: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -153,31 +172,34 @@ def fine_tune(trial: dict) -> None:
     anchor = Anchor(Path(trial["grads"]), threads=1)
     examples = pl.read_parquet(trial["examples"])
     train = anchor.encode(examples.filter(pl.col("id").is_in(trial["train_ids"])))
-    rows = examples.filter(pl.col("id").is_in(trial["eval_ids"]))
-    evaluation = anchor.encode(rows)
+    rows = pl.DataFrame({"id": trial["eval_ids"]}).join(examples, on="id", how="left", maintain_order="left")
+    evaluation = anchor.encode(rows)  # in the store's order, as the estimate's rows (rows.parquet pairs them)
+    if len(evaluation) != rows.height:
+        raise SiftError("target rows no longer encode; was the store built with another tokenizer?")
     module = anchor.featurizer.score
     optimizer = torch.optim.AdamW(anchor.trainable(), lr=trial["lr"], weight_decay=0.0)
     rng = np.random.default_rng(trial["seed"])
 
-    def target_loss() -> float:
-        return float(torch.nn.functional.softplus(-anchor.scores(evaluation)).mean())
-
     started = time.perf_counter()
-    steps, curve, losses = [0], [target_loss()], []
+    steps, scores, losses = [0], [], []
     while steps[-1] < trial["steps"]:
         k = min(trial["eval_every"], trial["steps"] - steps[-1])
         losses += objective.train_steps(module, optimizer, train, k, trial["batch_size"], anchor.pad, rng)
         steps.append(steps[-1] + k)
-        curve.append(target_loss())
+        scores.append(anchor.scores(evaluation).double())
+    curve = [float(torch.nn.functional.softplus(-f).mean()) for f in scores]
     accuracy, macro_f1 = subsets.forward_label_metrics(anchor, rows, trial["labels"])
     moved = anchor.displacement()
-    result = FineTune(curve[-1], accuracy, macro_f1, steps, curve, losses, len(train),
-                      time.perf_counter() - started, moved.projected.tolist(), moved.norm)
+    result = FineTune(trial["seed"], curve[-1], accuracy, macro_f1, steps[1:], curve, [f.tolist() for f in scores],
+                      losses, len(train), time.perf_counter() - started, moved.projected.tolist(), moved.norm)
     tune.report({"result": json.dumps(asdict(result))})
 
 
-def calibrate(cfg: CalibrateConfig) -> dict:
-    """calibration.json + calibration.png under cfg.out; returns the Calibration as a dict."""
+def calibrate(cfg: CalibrateConfig, seeds: int = 1) -> dict:
+    """calibration.json, calibration.png and rows.parquet under cfg.out; each subset fine-tuned
+    `seeds` times (batch orders cfg.seed, cfg.seed + 1, ...); returns the Calibration as a dict."""
+    if seeds < 1:
+        raise SiftError(f"seeds must be >= 1, got {seeds}")
     if cfg.out is None or cfg.data is None or cfg.grads is None or not cfg.target:
         raise SiftError("estimate --calibrate needs --data, --grads, --target and --out")
     out = Path(cfg.out).resolve()
@@ -204,14 +226,16 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     masks = subsets.fit_masks(data, cfg.target, chosen, candidates)
     train_ids = [[i for i, m in zip(data.ids, row.tolist()) if m] for row in masks]
     runs, failed, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels,
-                                            storage.absolute(data_path), out)
-    kept = [i for i, r in enumerate(runs) if r is not None]  # a failed fine-tune has no loss to compare
+                                            storage.absolute(data_path), out, seeds)
+    kept = [i for i, r in enumerate(runs) if r]  # a subset whose every fine-tune failed has no loss to compare
     if not kept:
         raise SiftError(f"every real fine-tune failed: {failed[0].error}")
     runs, chosen = [runs[i] for i in kept], chosen[kept]
-    real = np.array([r.loss for r in runs])
-    U = torch.tensor([r.update for r in runs], dtype=data.G.dtype)
-    progress = _progress_radii(data, cfg.target, chosen, candidates, fitting.lam, U)
+    tunes = [r for per_subset in runs for r in per_subset]  # every fine-tune, subset by subset
+    subset_of = torch.tensor([k for k, per_subset in enumerate(runs) for _ in per_subset])
+    real = np.array([np.mean([r.loss for r in per_subset]) for per_subset in runs])
+    U = torch.tensor([r.update for r in tunes], dtype=data.G.dtype)
+    progress = _progress_radii(data, cfg.target, chosen[subset_of.numpy()], candidates, fitting.lam, U)
     measured = float(progress.median())
     if cfg.fit.radius is not None:
         fittings, radius = [fitting] * len(runs), f"configured: {cfg.fit.radius:g}"
@@ -226,25 +250,30 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     est = linearised_scores(W, data.G[evaluation], data.f[evaluation], label_rows)
     estimate_s = time.perf_counter() - started
     approximation = approximation_error(cfg, anchor, data.G[first], data.f[first], encoded, W[0])
-    linearised_real = torch.nn.functional.softplus(-(data.f[evaluation] + U @ data.G[evaluation].T)).mean(1)
+    linearised = torch.nn.functional.softplus(-(data.f[evaluation] + U @ data.G[evaluation].T)).mean(1)
+    linearised_real = [float(linearised[subset_of == k].mean()) for k in range(len(runs))]
     anchor_loss = float(torch.nn.functional.softplus(-data.f[evaluation]).mean())
     relative = _relative_error(real, est.loss.numpy())
     constant = _relative_error(real, np.full_like(real, anchor_loss))
     logistic = Fitting(fitting.lam)
+    others = [float(progress[subset_of != k].median()) if len(runs) > 1 else measured for k in range(len(runs))]
     variants = [
         _variant("converged (no radius)", data, cfg.target, chosen, candidates, logistic, real),
         _variant("held to the real updates' size: |w| <= median |u|", data, cfg.target, chosen, candidates,
                  replace(logistic, radius=float(U.norm(dim=1).median())), real),
-        _variant("measured radius, leave-one-out: |w| <= the other fine-tunes' median r", data, cfg.target, chosen,
-                 candidates, [replace(logistic, radius=r) for r in _leave_one_out(progress)], real)]
+        _variant("measured radius, leave-one-out: |w| <= the other subsets' fine-tunes' median r", data, cfg.target,
+                 chosen, candidates, [replace(logistic, radius=r) for r in others], real)]
+    by_seed = [[r.loss for r in per_subset] for per_subset in runs]
+    paired = [losses[:2] for losses in by_seed if len(losses) >= 2]
+    seed_spearman = _spearman(*np.array(paired).T) if paired else None
 
-    lowering = sum(r.curve_target_loss[-1] < r.curve_target_loss[0] for r in runs)
+    lowering = sum(r.curve_target_loss[-1] < anchor_loss for r in tunes)
     warnings = []
     if failed:
-        warnings.append(f"{len(failed)} of {len(failed) + len(runs)} real fine-tunes failed after "
+        warnings.append(f"{len(failed)} of {len(failed) + len(tunes)} real fine-tunes failed after "
                         f"{cfg.runtime.max_failures} retries and are left out: {failed[0].error}")
-    if lowering < len(runs):
-        warnings.append(f"{len(runs) - lowering} of {len(runs)} real fine-tunes did not lower the target loss: "
+    if lowering < len(tunes):
+        warnings.append(f"{len(tunes) - lowering} of {len(tunes)} real fine-tunes did not lower the target loss: "
                         "try another lr or more steps")
     if constant <= relative:
         warnings.append(f"a constant (the anchor's loss {anchor_loss:.4f}) reaches a relative error of "
@@ -253,21 +282,27 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         target=cfg.target, subsets=[[c for c, on in zip(candidates, row) if on] for row in chosen],
         estimated_loss=est.loss.tolist(), estimated_accuracy=est.accuracy.tolist(),
         estimated_macro_f1=est.macro_f1.tolist(), real_loss=real.tolist(),
-        real_accuracy=[r.accuracy for r in runs], real_macro_f1=[r.macro_f1 for r in runs],
+        real_accuracy=[float(np.mean([r.accuracy for r in per_subset])) for per_subset in runs],
+        real_macro_f1=[float(np.mean([r.macro_f1 for r in per_subset])) for per_subset in runs],
         mean_squared_relative_error=relative, spearman=_spearman(est.loss.numpy(), real),
         anchor_loss=anchor_loss, constant_mean_squared_relative_error=constant, constant_as_good=constant <= relative,
-        real_loss_spread=float(real.max() - real.min()), fine_tunes_lowering_target_loss=lowering,
-        estimated_update_norm=W.norm(dim=1).tolist(), real_update_norm=[r.update_norm for r in runs],
-        real_projected_update_norm=U.norm(dim=1).tolist(), linearised_real_loss=linearised_real.tolist(),
-        real_updates=[r.update for r in runs], progress_radius=progress.tolist(), radius=radius,
-        measured_radius=measured, variants=variants,
-        curves=[{"steps": r.curve_steps, "target_loss": r.curve_target_loss, "train_loss": r.train_loss,
-                 "train_rows": r.train_rows, "seconds": round(r.seconds, 1)} for r in runs],
+        real_loss_spread=float(real.max() - real.min()), seeds=seeds, real_loss_by_seed=by_seed,
+        seed_spearman=seed_spearman, fine_tunes_lowering_target_loss=lowering,
+        estimated_update_norm=W.norm(dim=1).tolist(), fine_tune_subset=subset_of.tolist(),
+        real_update_norm=[r.update_norm for r in tunes], real_projected_update_norm=U.norm(dim=1).tolist(),
+        linearised_real_loss=linearised_real, real_updates=[r.update for r in tunes],
+        progress_radius=progress.tolist(), radius=radius, measured_radius=measured, variants=variants,
+        curves=[{"subset": int(k), "seed": r.seed, "steps": [0, *r.curve_steps],
+                 "target_loss": [anchor_loss, *r.curve_target_loss], "train_loss": r.train_loss,
+                 "train_rows": r.train_rows, "seconds": round(r.seconds, 1)} for k, r in zip(subset_of, tunes)],
         approximation=approximation, lifted_factors=len(anchor.params),
         estimate_seconds=round(estimate_s, 3), label_rows_seconds=round(label_rows_s, 2),
         real_fine_tune_seconds=round(real_s, 1), time_ratio=round(real_s / max(estimate_s, 1e-9), 1),
-        warnings=warnings, config=cfg.model_dump(mode="json"), failed_fine_tunes=[asdict(f) for f in failed],
+        warnings=warnings, config={**cfg.model_dump(mode="json"), "seeds": seeds},
+        failed_fine_tunes=[asdict(f) for f in failed],
     )
+    _row_scores(rows["id"], data.f[evaluation], data.f[evaluation] + W @ data.G[evaluation].T, subset_of,
+                tunes).write_parquet(out / "rows.parquet")
     result = asdict(report)
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     _plot(report, out / "calibration.png")
@@ -285,11 +320,22 @@ def _spearman(estimated: np.ndarray, real: np.ndarray) -> float | None:
     return float(spearmanr(estimated, real).statistic) if len(real) > 2 else None
 
 
-def _leave_one_out(values: torch.Tensor) -> list[float]:
-    """For each fine-tune, the median of the others' values (its own when it is the only one)."""
-    if len(values) == 1:
-        return [float(values[0])]
-    return [float(torch.cat([values[:k], values[k + 1:]]).median()) for k in range(len(values))]
+def _row_scores(ids: pl.Series, anchor: torch.Tensor, estimated: torch.Tensor, subset_of: torch.Tensor,
+                tunes: list[FineTune]) -> pl.DataFrame:
+    """f of every target validation row: the anchor's (source "anchor"), each subset's estimate
+    (f* + g . w; "estimate") and each fine-tune's at each curve point ("fine-tune"), for offline
+    analysis (e.g. the figures on fewer rows, one seed, or the mean over the last points)."""
+    n, ids = len(ids), ids.to_numpy()
+
+    def part(source: str, subset: int | None, seed: int | None, step: int | None, f) -> pl.DataFrame:
+        return pl.DataFrame({"source": source, "subset": subset, "seed": seed, "step": step, "id": ids,
+                             "f": np.asarray(f, dtype=np.float64)},
+                            schema_overrides={"subset": pl.Int64, "seed": pl.Int64, "step": pl.Int64})
+
+    return pl.concat([part("anchor", None, None, 0, anchor.numpy()),
+                      *[part("estimate", k, None, None, estimated[k].numpy()) for k in range(len(estimated))],
+                      *[part("fine-tune", k, tune.seed, step, scores) for k, tune in zip(subset_of.tolist(), tunes)
+                        for step, scores in zip(tune.curve_steps, tune.curve_scores)]])
 
 
 def _progress_radii(data, targets: list[str], chosen: np.ndarray, candidates: list[str], lam: float,
@@ -330,35 +376,52 @@ def _variant(name: str, data, targets: list[str], chosen: np.ndarray, candidates
 
 
 def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids: list[str],
-                     labels: dict[str, list[str]], examples: Path, out: Path
-                     ) -> tuple[list[FineTune | None], list[FailedTrial], float]:
-    """Every subset's real fine-tune as a Ray Tune trial, retried up to `runtime.max_failures`
-    times after a lost worker or node: the fine-tunes in subset order (None where one still
-    failed), the failed ones, and the wall time."""
+                     labels: dict[str, list[str]], examples: Path, out: Path, seeds: int
+                     ) -> tuple[list[list[FineTune]], list[FailedTrial], float]:
+    """Every subset's real fine-tunes (one per seed) as Ray Tune trials, retried up to
+    `runtime.max_failures` times after a lost worker or node: per subset in subset order, its
+    finished fine-tunes in seed order (fewer where one still failed); the failed ones; the
+    fine-tunes' own seconds, summed (one CPU each).
+
+    Each finished fine-tune is kept in OUT/fine-tunes/, named by everything it depends on (its
+    rows, seed, budget, store and target rows), and a rerun reuses it: a calibration can grow
+    (more subsets: random_subsets' first subsets do not change; more seeds) in several runs."""
     from ray import tune
 
-    info = runtime.start(cfg.runtime)
-    concurrent = max(1, int(info.cpus))  # one CPU and one torch thread per trial
-    trials = [{"train_ids": ids, "index": i} for i, ids in enumerate(train_ids)]
     fixed = {"grads": str(Path(cfg.grads).resolve()), "examples": str(examples), "eval_ids": eval_ids,
              "labels": labels, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
-             "eval_every": cfg.eval_every, "seed": cfg.seed}
-    tuner = tune.Tuner(
-        tune.with_resources(fine_tune, {"cpu": 1}),
-        param_space={**fixed, "trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=experiment_name("calibrate", fixed, trials), verbose=0,
-                                  **runtime.run_storage(cfg.runtime, out, "tune").run_config_kwargs(),
-                                  failure_config=tune.FailureConfig(max_failures=cfg.runtime.max_failures)),
-    )
-    started = time.perf_counter()
-    results = tuner.fit()
-    elapsed = time.perf_counter() - started
-    done, failed = finished(results, "calibration fine-tune")
-    runs: list[FineTune | None] = [None] * len(trials)
-    for result in done:
-        runs[result.config["trial"]["index"]] = FineTune(**json.loads(result.metrics["result"]))
-    return runs, failed, elapsed
+             "eval_every": cfg.eval_every}
+    trials = [{"train_ids": ids, "index": i, "seed": cfg.seed + s} for i, ids in enumerate(train_ids)
+              for s in range(seeds)]
+    kept = out / "fine-tunes"
+    kept.mkdir(exist_ok=True)
+    path = {id(t): kept / f"{experiment_name('fine-tune', fixed, t['train_ids'], t['seed'])}.json" for t in trials}
+    runs: list[list[FineTune]] = [[] for _ in train_ids]
+    missing = []
+    for trial in trials:
+        if path[id(trial)].is_file():
+            runs[trial["index"]].append(FineTune(**json.loads(path[id(trial)].read_text())))
+        else:
+            missing.append(trial)
+    failed: list[FailedTrial] = []
+    if missing:
+        info = runtime.start(cfg.runtime)
+        tuner = tune.Tuner(
+            tune.with_resources(fine_tune, {"cpu": 1}),
+            param_space={**fixed, "trial": tune.grid_search(missing)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(info.cpus))),  # one torch thread each
+            run_config=tune.RunConfig(name=experiment_name("calibrate", fixed, missing), verbose=0,
+                                      **runtime.run_storage(cfg.runtime, out, "tune").run_config_kwargs(),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.runtime.max_failures)),
+        )
+        done, failed = finished(tuner.fit(), "calibration fine-tune")
+        for result in done:
+            trial = next(t for t in missing if t["index"] == result.config["trial"]["index"]
+                         and t["seed"] == result.config["trial"]["seed"])
+            path[id(trial)].write_text(result.metrics["result"])
+            runs[trial["index"]].append(FineTune(**json.loads(result.metrics["result"])))
+    runs = [sorted(per_subset, key=lambda r: r.seed) for per_subset in runs]
+    return runs, failed, sum(r.seconds for per_subset in runs for r in per_subset)
 
 
 def _plot(report: Calibration, path: Path) -> None:
@@ -375,13 +438,15 @@ def _plot(report: Calibration, path: Path) -> None:
     low = min(real.min(), estimated.min(), report.anchor_loss)
     high = max(real.max(), estimated.max(), report.anchor_loss)
     ax.plot([low, high], [low, high], color="#999999", linewidth=0.8)
-    ax.set_xlabel("target loss after a real LoRA fine-tune")
+    ax.set_xlabel(f"target loss after a real LoRA fine-tune (mean over {report.seeds} seed(s))")
     ax.set_ylabel("predicted target loss")
     ax.set_title("one dot per subset")
     ax.legend()
-    for k, curve in enumerate(report.curves):
-        line, = curves.plot(curve["steps"], curve["target_loss"], marker=".")
-        curves.axhline(report.estimated_loss[k], color=line.get_color(), linestyle=":", linewidth=0.8)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for curve in report.curves:
+        colour = colours[curve["subset"] % len(colours)]
+        curves.plot(curve["steps"], curve["target_loss"], marker=".", color=colour)
+        curves.axhline(report.estimated_loss[curve["subset"]], color=colour, linestyle=":", linewidth=0.8)
     curves.set_xlabel("optimizer step")
     curves.set_ylabel("target validation loss softplus(-f)")
     curves.set_title("real fine-tunes (dotted: each subset's estimate)")
@@ -395,9 +460,11 @@ def show(report: dict) -> None:
 
     constant = report["constant_mean_squared_relative_error"]
     table("Estimator calibration", None, [
-        ("subsets fine-tuned for real", len(report["real_loss"])),
+        ("subsets fine-tuned for real", f"{len(report['real_loss'])} x {report['seeds']} seed(s)"),
         ("fine-tunes that lowered the target loss", f"{report['fine_tunes_lowering_target_loss']} of "
-                                                    f"{len(report['real_loss'])}"),
+                                                    f"{len(report['curves'])}"),
+        ("Spearman of one seed's real losses vs another's", "n/a" if report["seed_spearman"] is None
+                                                            else f"{report['seed_spearman']:.3f}"),
         ("mean squared relative error", f"{report['mean_squared_relative_error']:.4f}"
                                         f" (constant predictor: {constant:.4f})"),
         ("Spearman (estimate vs real)", ("n/a" if report["spearman"] is None else f"{report['spearman']:.3f}")
