@@ -15,19 +15,20 @@ from engine.select.tasks.subsets import TaskGradients, load
 from tests.test_ensemble_train import suite_grads  # noqa: F401  (suite of 3 tasks + its tiny-llama store)
 
 
-def _planted(seed: int = 0, per: int = 60, d: int = 16) -> TaskGradients:
-    """Six tasks in two planted families: the gradients of a family share one direction, so
-    training on a family member helps the others and nothing else."""
+def _planted(families: tuple[int, ...] = (0, 0, 0, 1, 1, 1), seed: int = 0, per: int = 60, d: int = 16,
+             signal: float = 2.0, noise: float = 0.6) -> TaskGradients:
+    """Tasks in planted families (task t in family families[t]): the gradients of a family share
+    one direction, orthogonal to the other families', so training on a family member helps the
+    others and nothing else. A weak signal in the noise leaves each task too few rows to fit alone."""
     rng = np.random.default_rng(seed)
-    family = [0, 0, 0, 1, 1, 1]
-    directions = np.linalg.qr(rng.normal(size=(d, 2)))[0].T
+    directions = np.linalg.qr(rng.normal(size=(d, max(families) + 1)))[0].T
     G, task, train = [], [], []
-    for t, fam in enumerate(family):
-        G.append(directions[fam] * 2.0 + rng.normal(scale=0.6, size=(per, d)))
+    for t, fam in enumerate(families):
+        G.append(directions[fam] * signal + rng.normal(scale=noise, size=(per, d)))
         task += [t] * per
         train += [True] * (per * 3 // 4) + [False] * (per - per * 3 // 4)
     G = torch.tensor(np.concatenate(G))
-    return TaskGradients([f"task-{t}" for t in range(6)], G, torch.full((len(G),), -0.5, dtype=G.dtype),
+    return TaskGradients([f"task-{t}" for t in range(len(families))], G, torch.full((len(G),), -0.5, dtype=G.dtype),
                          torch.tensor(task), torch.tensor(train))
 
 
@@ -46,8 +47,89 @@ def test_affinity_recovers_planted_families():
     planted = [0, 0, 0, 1, 1, 1]
     assert _same_partition(grouping.sdp(T, 2, 0), planted)
     assert _same_partition(grouping.spectral(T, 2, 0), planted)
-    m, densities = grouping.choose_m(T, max_groups=4, seed=0)
-    assert m == 2 and set(densities) == {1, 2, 3, 4}
+
+
+def _choose_m(data: TaskGradients, max_groups: int, method: str = "sdp") -> grouping.GroupCountChoice:
+    aff = grouping.affinity(data, subsets=80, ratio=0.3, lam=1e-3, seed=0)
+    return grouping.choose_m(grouping.GroupScorer(data, lam=1e-3), aff.T, max_groups, method, seed=0, rounds=10)
+
+
+def test_choose_m_finds_three_planted_families():
+    """Three families of three tasks (each helps its family, costs the others): merging two
+    families raises the estimated validation loss beyond its noise, splitting one lowers it not
+    at all, so three groups, the planted ones."""
+    families = (0, 0, 0, 1, 1, 1, 2, 2, 2)
+    data = _planted(families)
+    T = grouping.affinity(data, subsets=80, ratio=0.3, lam=1e-3, seed=0).T
+    same = np.equal.outer(families, families)
+    assert T[same & ~np.eye(9, dtype=bool)].mean() > 0 > T[~same].max()
+    choice = _choose_m(data, max_groups=5)
+    by_m = {c.m: c for c in choice.counts}
+    assert choice.m == 3 and set(by_m) == {1, 2, 3, 4, 5} and choice.rule == grouping.ONE_STANDARD_ERROR
+    assert _same_partition(by_m[3].labels, families) and by_m[3].excess == 0
+    for m in (1, 2):
+        assert by_m[m].excess > by_m[m].standard_error > 0
+    for m in (4, 5):
+        assert by_m[m].excess >= 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_choose_m_keeps_tasks_that_all_help_each_other_in_one_group(seed):
+    """Six tasks of one family, each with too few rows to fit alone: one adapter on all of them
+    lowers every task's estimated validation loss below its own adapter's, so one group."""
+    data = _planted((0,) * 6, seed=seed, signal=0.5, noise=1.0)
+    scorer = grouping.GroupScorer(data, lam=1e-3)
+    assert np.all(scorer.per_task(np.zeros(6, dtype=int))[0] < scorer.per_task(np.arange(6))[0])
+    choice = _choose_m(data, max_groups=6)
+    by_m = {c.m: c for c in choice.counts}
+    assert choice.m == 1 and by_m[6].excess > by_m[6].standard_error
+
+
+class _Scored(grouping.GroupScorer):
+    """Validation-row losses set by the number of groups (no fits): two and four groups clearly
+    worse than one; three groups `gap` lower than one on average, with per-row noise."""
+
+    def __init__(self, data: TaskGradients, gap: float):
+        super().__init__(data, lam=1e-3)
+        task = data.task[~data.train].numpy()
+        rng = np.random.default_rng(0)
+        base, noise = rng.normal(size=len(task)), rng.normal(scale=0.3, size=len(task))
+        noise -= np.array([noise[task == i].mean() for i in range(len(data.tasks))])[task]  # mean 0 per task
+        self.losses = {1: 1 + base, 2: 2 + base, 3: 1 - gap + base + noise, 4: 2 + base}
+
+    def rows(self, labels):
+        loss = self.losses[len(np.unique(labels))]
+        return loss, np.ones_like(loss)
+
+
+def test_choose_m_takes_the_fewest_groups_within_one_standard_error():
+    """The rule itself: three groups have the lowest objective, but one group is taken while its
+    excess is within one standard error (the validation rows cannot tell them apart), three once
+    it is not."""
+    data = _planted((0,) * 6)
+    T = grouping.affinity(data, subsets=20, ratio=0.3, lam=1e-3, seed=0).T
+    one, three = np.zeros(6, dtype=int), np.array([0, 0, 1, 1, 2, 2])
+    error = _Scored(data, 0.0).standard_error(one, three)
+    assert error > 0
+    for gap, expected in ((0.5 * error, 1), (2 * error, 3)):
+        choice = grouping.choose_m(_Scored(data, gap), T, 4, "sdp", seed=0, rounds=0)
+        by_m = {c.m: c for c in choice.counts}
+        assert by_m[3].excess == 0 and by_m[1].excess == pytest.approx(gap)
+        assert by_m[1].standard_error == pytest.approx(error)
+        assert choice.m == expected
+
+
+def test_standard_error_matches_a_bootstrap_over_validation_rows():
+    data = _planted((0, 0, 0, 1, 1, 1))
+    scorer = grouping.GroupScorer(data, lam=1e-3)
+    a, b = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 0, 1])
+    difference = scorer.rows(a)[0] - scorer.rows(b)[0]
+    task = data.task[~data.train].numpy()
+    rng = np.random.default_rng(0)
+    within = [np.flatnonzero(task == i) for i in range(6)]
+    replicates = [np.mean([difference[rng.choice(rows, len(rows))].mean() for rows in within]) for _ in range(4000)]
+    assert scorer.standard_error(a, b) == pytest.approx(np.std(replicates), rel=0.1)
+    assert np.mean(difference) != 0
 
 
 def test_local_search_improves_a_bad_partition_and_caches_fits():
@@ -140,19 +222,16 @@ def test_affinity_of_few_tasks_still_pairs_them():
     assert np.abs(aff.T).sum() > 0
 
 
-def test_choose_m_uses_the_configured_clustering():
-    """On this affinity the SDP's 2-partition is far denser than spectral clustering's, so the two
-    methods choose different m; the SDP setting must not get spectral's m."""
-    rng = np.random.default_rng(0)
-    A = rng.normal(size=(7, 7))
-    T = (A + A.T) / 2
-    np.fill_diagonal(T, 0.0)
-    m_sdp, by_sdp = grouping.choose_m(T, max_groups=4, seed=0, method="sdp")
-    m_spectral, by_spectral = grouping.choose_m(T, max_groups=4, seed=0, method="spectral")
-    assert by_sdp[2] == pytest.approx(grouping.density(T, grouping.sdp(T, 2, 0)))
-    assert by_spectral[2] == pytest.approx(grouping.density(T, grouping.spectral(T, 2, 0)))
-    assert by_sdp[2] > by_spectral[2] + 0.1
-    assert (m_sdp, m_spectral) == (2, 3)
+def test_choose_m_uses_the_configured_clustering(monkeypatch):
+    """Every m starts from the configured method's partition (the SDP setting must not get
+    spectral's, nor the reverse)."""
+    calls = []
+    for method in ("sdp", "spectral"):
+        real = grouping.CLUSTERINGS[method]
+        monkeypatch.setitem(grouping.CLUSTERINGS, method,
+                            lambda T, m, seed, method=method, real=real: calls.append((method, m)) or real(T, m, seed))
+    _choose_m(_planted(), max_groups=3, method="spectral")
+    assert calls == [("spectral", 1), ("spectral", 2), ("spectral", 3)]
 
 
 def test_select_tasks_for_a_target_with_validation_rows_only(suite_grads, tmp_path, capsys):  # noqa: F811
@@ -207,6 +286,7 @@ def test_group_reports_both_measures_for_every_start(suite_grads, tmp_path, caps
 
     report = group_tasks(GroupConfig(data=suite_grads / "suite", grads=suite_grads / "grads", out=tmp_path, groups=2,
                                      subsets=10, restarts=1, rounds=3))
+    assert report["m"] == 2 and report["m_choice"] is None  # the user's m, not chosen
     assert json.loads((tmp_path / "groups.json").read_text()) == json.loads(json.dumps(report))
     frame = pl.read_parquet(tmp_path / "affinity.parquet")
     T = frame.drop("task").to_numpy()

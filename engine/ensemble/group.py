@@ -1,11 +1,13 @@
 """`sift group`: the tasks of a gradient store split into m groups, one adapter each later.
 
-The affinity and the first partitions come from engine/ensemble/grouping.py; Ray Tune then runs one
-local search per starting partition (SDP, spectral, and `restarts` random ones) in parallel, and
-the best refined partition by the estimator's objective wins. Every candidate is reported before
-and after its search by both measures, which must broadly agree (the affinity is the objective's
-pairwise first-order model): the within-group affinity (density, higher is better) and the
-objective (mean estimated validation loss, lower is better), with its estimated per-task loss and
+The affinity and the first partitions come from engine/ensemble/grouping.py (and, without a given
+m, the choice of m: every m's refined partition by the estimator's objective, the fewest groups
+within one standard error of the best, each m reported); Ray Tune then runs one local search per
+starting partition (SDP, spectral, and `restarts` random ones) in parallel, and the best refined
+partition by the estimator's objective wins. Every candidate is reported before and after its
+search by both measures, which must broadly agree (the affinity is the objective's pairwise
+first-order model): the within-group affinity (density, higher is better) and the objective
+(mean estimated validation loss, lower is better), with its estimated per-task loss and
 accuracy. Outputs: groups.json, affinity.parquet, affinity.png (the affinity heatmap in group
 order, the group map).
 """
@@ -74,7 +76,9 @@ def group_tasks(cfg: GroupConfig) -> dict:
     if cfg.groups is not None and cfg.groups > n:
         raise SiftError(f"--groups {cfg.groups} is more than the {n} tasks in the store")
     aff = grouping.affinity(data, cfg.subsets, cfg.ratio, cfg.lam, cfg.seed)
-    m, densities = (cfg.groups, {}) if cfg.groups else grouping.choose_m(aff.T, cfg.max_groups, cfg.seed, cfg.method)
+    scorer = grouping.GroupScorer(data, cfg.lam)
+    choice = None if cfg.groups else grouping.choose_m(scorer, aff.T, cfg.max_groups, cfg.method, cfg.seed, cfg.rounds)
+    m = cfg.groups or choice.m
     rng = np.random.default_rng(cfg.seed)
     starts = {method: grouping.cluster(aff.T, m, method, cfg.seed).tolist()
               for method in (["sdp", "spectral"] if cfg.method == "sdp" else ["spectral"])}
@@ -84,10 +88,11 @@ def group_tasks(cfg: GroupConfig) -> dict:
     candidates, failed = _search(cfg, data, aff, starts, out)
     best = min(candidates, key=lambda c: (c.objective, c.steps, c.start))  # ties: the start already there
     report = {
-        "tasks": data.tasks, "m": m, "densities": densities, "groups": best.groups, "chosen": best.start,
+        "tasks": data.tasks, "m": m, "m_choice": asdict(choice) if choice else None, "groups": best.groups,
+        "chosen": best.start,
         "affinity": best.affinity, "objective": best.objective,
         "candidates": [asdict(c) for c in candidates], "failed_starts": [asdict(f) for f in failed], "data": str(Path(cfg.data).resolve()), "grads": str(Path(cfg.grads).resolve()),
-        "estimator": {"affinity_fits": cfg.subsets + n, "search_fits": sum(c.fits for c in candidates),
+        "estimator": {"affinity_fits": cfg.subsets + n, "search_fits": scorer.fits + sum(c.fits for c in candidates),
                       "rows": int(data.G.shape[0]), "dim": int(data.G.shape[1])},
         "seconds": round(time.perf_counter() - started, 3), "config": cfg.model_dump(mode="json"),
     }
@@ -158,6 +163,13 @@ def _plot(aff: grouping.Affinity, labels: list[int], path: Path) -> None:
 
 
 def show(report: dict) -> None:
+    choice = report.get("m_choice")  # absent from a groups.json written before the choice was reported
+    if choice:
+        table(f"Choice of m: {choice['rule']} (m = {choice['m']}); objective = mean estimated validation loss",
+              ["m", "objective", "- lowest", "standard error", "est. accuracy", "density (before)", "groups"],
+              [(str(c["m"]), f"{c['objective']:.4f}", f"{c['excess']:+.4f}", f"{c['standard_error']:.4f}",
+                f"{c['accuracy']:.3f}", f"{c['density']:+.4f}", _short(report["tasks"], c["labels"]))
+               for c in choice["counts"]])
     table(f"Groups (m = {report['m']}, chosen start: {report['chosen']}; within-group affinity "
           f"{report['affinity']:+.4f}, objective {report['objective']:.4f})", ["group", "tasks"],
           [(str(k), ", ".join(g)) for k, g in enumerate(report["groups"])])
@@ -165,5 +177,10 @@ def show(report: dict) -> None:
           "objective = mean estimated validation loss (lower is better)",
           ["start", "affinity", "objective", "steps", "groups"],
           [(c.start, f"{c.start_affinity:+.4f} -> {c.affinity:+.4f}", f"{c.start_objective:.4f} -> {c.objective:.4f}",
-            str(c.steps), " | ".join(",".join(t.split("-", 1)[-1] for t in g) for g in c.groups))
-           for c in (Candidate(**c) for c in report["candidates"])])
+            str(c.steps), _short(report["tasks"], c.labels)) for c in (Candidate(**c) for c in report["candidates"])])
+
+
+def _short(tasks: list[str], labels: list[int]) -> str:
+    """The groups in one line, each task without its source prefix."""
+    return " | ".join(",".join(t.split("-", 1)[-1] for t, g in zip(tasks, labels) if g == k)
+                      for k in range(max(labels) + 1))

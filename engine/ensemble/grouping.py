@@ -13,11 +13,23 @@
    0.004 like one whose loss moves by 1: its groups contradicted the objective; see
    `test_affinity_agrees_with_the_objective` in tests/test_groups.py.)
 2. Clustering of T into m groups: the SDP relaxation (max tr(TX), X PSD, X >= 0, X1 = 1,
-   tr X = m) rounded by k-means on the rows of X, or spectral clustering. Without a given m, the
-   m with the highest average within-group density sum(T_cc)/|c| is taken.
+   tr X = m) rounded by k-means on the rows of X, or spectral clustering.
 3. Refinement: steepest-descent local search (move one task, swap two) on the estimator's own
    objective: the mean over tasks of the estimated validation loss of task i under a fit on
    i's group. Every neighbour's new groups are fitted in one batch; fits are cached by group.
+4. Without a given m (`choose_m`): every m in 1..max_groups is clustered and refined as above,
+   and the fewest groups whose objective is within one standard error of the lowest is taken
+   (the one-standard-error rule, Breiman et al. 1984; Hastie et al., ESL 7.10). The objective
+   is a held-out estimate (fits on training rows, scored on validation rows), so more groups
+   win only where keeping tasks apart lowers the estimated validation loss; the standard error
+   is that of the difference from the best m, paired over validation rows, so an m is preferred
+   to a smaller one only when the validation rows can tell the two apart, since every adapter
+   costs an inference pass per query. Each m's partition is refined on the same validation rows
+   that score it, which flatters larger m a little (more partitions to pick from); preferring
+   the fewest groups within the noise guards against that too. (The average within-group
+   density sum(T_cc)/|c| used before estimates no loss: a singleton scores 0 whatever its task
+   loses alone, and it compared m by a measure the refinement does not optimise. It is still
+   reported beside each m.)
 """
 
 from __future__ import annotations
@@ -32,26 +44,33 @@ from engine.select.tasks.estimator import fit_subsets
 from engine.select.tasks.subsets import TaskGradients, random_subsets
 
 
-def task_losses(data: TaskGradients, groups: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+def row_scores(data: TaskGradients, groups: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """For each row of `groups` (S, n tasks) a fit on those tasks' training rows, scored on every
-    task's validation rows: (S, n) linearised losses and accuracies."""
+    validation row: (S, validation rows) linearised losses and correctness (1.0 or 0.0)."""
     masks = torch.as_tensor(np.asarray(groups, dtype=bool))[:, data.task] & data.train
-    return _per_task(data, fit_subsets(data.G, data.f, masks, lam=lam).w)
+    return _row_scores(data, fit_subsets(data.G, data.f, masks, lam=lam).w)
+
+
+def task_losses(data: TaskGradients, groups: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """`row_scores` averaged over each task's validation rows: (S, n) losses and accuracies."""
+    return tuple(per_task_mean(data, scores) for scores in row_scores(data, groups, lam))
 
 
 def anchor_losses(data: TaskGradients) -> np.ndarray:
     """(n,) every task's validation loss at the anchor itself (w = 0, no fine-tune: exact)."""
-    return _per_task(data, torch.zeros(1, data.G.shape[1], dtype=data.G.dtype))[0][0]
+    return per_task_mean(data, _row_scores(data, torch.zeros(1, data.G.shape[1], dtype=data.G.dtype))[0])[0]
 
 
-def _per_task(data: TaskGradients, W: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def per_task_mean(data: TaskGradients, values: np.ndarray) -> np.ndarray:
+    """(..., validation rows) -> (..., n): the mean over each task's validation rows."""
+    member = np.eye(len(data.tasks))[data.task[~data.train].numpy()]  # (validation rows, n)
+    return (values @ member) / np.maximum(member.sum(0), 1)
+
+
+def _row_scores(data: TaskGradients, W: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     validation = ~data.train
     z = data.f[validation] + W @ data.G[validation].T  # (S, n_val)
-    member = torch.nn.functional.one_hot(data.task[validation], len(data.tasks)).to(z.dtype)  # (n_val, n)
-    counts = member.sum(0).clamp_min(1)
-    loss = (torch.nn.functional.softplus(-z) @ member) / counts
-    accuracy = ((z > 0).to(z.dtype) @ member) / counts
-    return loss.double().numpy(), accuracy.double().numpy()
+    return torch.nn.functional.softplus(-z).double().numpy(), (z > 0).double().numpy()
 
 
 @dataclass
@@ -138,19 +157,14 @@ def cluster(T: np.ndarray, m: int, method: str, seed: int) -> np.ndarray:
 CLUSTERINGS = {"sdp": sdp, "spectral": spectral}
 
 
-def choose_m(T: np.ndarray, max_groups: int, seed: int, method: str = "sdp") -> tuple[int, dict[int, float]]:
-    """The m in 1..max_groups whose partition by `method` has the highest average density."""
-    scores = {m: density(T, cluster(T, m, method, seed)) for m in range(1, min(max_groups, len(T)) + 1)}
-    return max(scores, key=lambda m: (scores[m], -m)), scores
-
-
 @dataclass
 class GroupScorer:
     """The estimator's objective of partitions, with fits cached by group."""
 
     data: TaskGradients
     lam: float
-    cache: dict[frozenset, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    cache: dict[frozenset, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # group -> every
+    # validation row's loss and correctness under a fit on the group
     fits: int = 0
 
     def _fill(self, groups: set[frozenset]) -> None:
@@ -160,23 +174,39 @@ class GroupScorer:
         rows = np.zeros((len(todo), len(self.data.tasks)), dtype=bool)
         for k, g in enumerate(todo):
             rows[k, list(g)] = True
-        loss, accuracy = task_losses(self.data, rows, self.lam)
+        loss, correct = row_scores(self.data, rows, self.lam)
         self.fits += len(todo)
         for k, g in enumerate(todo):
-            self.cache[g] = (loss[k], accuracy[k])
+            self.cache[g] = (loss[k], correct[k])
+
+    def rows(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each validation row's estimated loss and correctness under a fit on its task's group."""
+        groups = _groups(labels)
+        self._fill(set(groups))
+        task = self.data.task[~self.data.train].numpy()
+        loss, correct = np.empty(len(task)), np.empty(len(task))
+        for g in groups:
+            held = np.isin(task, list(g))
+            loss[held], correct[held] = self.cache[g][0][held], self.cache[g][1][held]
+        return loss, correct
 
     def per_task(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each task's estimated validation loss and accuracy under a fit on its own group."""
-        groups = _groups(labels)
-        self._fill(set(groups))
-        loss, accuracy = np.empty(len(labels)), np.empty(len(labels))
-        for g in groups:
-            members = list(g)
-            loss[members], accuracy[members] = self.cache[g][0][members], self.cache[g][1][members]
-        return loss, accuracy
+        loss, correct = self.rows(labels)
+        return per_task_mean(self.data, loss), per_task_mean(self.data, correct)
 
     def objective(self, labels: np.ndarray) -> float:
         return float(self.per_task(labels)[0].mean())
+
+    def standard_error(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Standard error of objective(a) - objective(b), paired over validation rows: the
+        objective is a mean over tasks of means over their rows, so the difference's variance is
+        sum_i var_i / (n^2 |val_i|), var_i that of the per-row loss differences in task i."""
+        difference = self.rows(a)[0] - self.rows(b)[0]
+        task = self.data.task[~self.data.train].numpy()
+        variance = sum(np.var(difference[task == i], ddof=1) / (task == i).sum()
+                       for i in range(len(self.data.tasks)) if (task == i).sum() > 1)
+        return float(np.sqrt(variance) / len(self.data.tasks))
 
     def local_search(self, labels: np.ndarray, rounds: int) -> tuple[np.ndarray, list[float]]:
         """Steepest descent over single moves and swaps that keep every group non-empty."""
@@ -191,6 +221,45 @@ class GroupScorer:
             labels = _relabel(neighbours[int(np.argmin(scores))])
             trace.append(min(scores))
         return labels, trace
+
+
+@dataclass
+class GroupCount:
+    """One m tried by `choose_m`: its clustered and refined partition, by every measure."""
+
+    m: int
+    labels: list[int]
+    objective: float  # mean estimated validation loss over tasks: lower is better
+    excess: float  # objective minus the lowest objective over the m tried
+    standard_error: float  # of `excess`, paired over validation rows (0 for the best m itself)
+    accuracy: float  # mean estimated validation accuracy over tasks
+    density: float  # average within-group density sum(T_cc)/|c| (the criterion before; higher is better)
+
+
+@dataclass
+class GroupCountChoice:
+    m: int
+    rule: str
+    counts: list[GroupCount]
+
+
+ONE_STANDARD_ERROR = "fewest groups whose objective is within one standard error of the lowest"
+
+
+def choose_m(scorer: GroupScorer, T: np.ndarray, max_groups: int, method: str, seed: int,
+             rounds: int) -> GroupCountChoice:
+    """Every m in 1..max_groups: `method`'s partition of T refined by the local search; the
+    fewest groups whose objective is within one standard error of the lowest (module docstring)."""
+    partitions = {m: scorer.local_search(cluster(T, m, method, seed), rounds)[0]
+                  for m in range(1, min(max_groups, len(T)) + 1)}
+    objectives = {m: scorer.objective(p) for m, p in partitions.items()}
+    best = min(objectives, key=lambda m: (objectives[m], m))
+    counts = [GroupCount(m=m, labels=p.tolist(), objective=objectives[m], excess=objectives[m] - objectives[best],
+                         standard_error=scorer.standard_error(p, partitions[best]),
+                         accuracy=float(scorer.per_task(p)[1].mean()), density=density(T, p))
+              for m, p in partitions.items()]
+    chosen = min(c.m for c in counts if c.excess <= c.standard_error)
+    return GroupCountChoice(chosen, ONE_STANDARD_ERROR, counts)
 
 
 def _groups(labels: np.ndarray) -> list[frozenset]:

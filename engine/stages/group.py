@@ -35,7 +35,8 @@ def show(result: GroupResult) -> None:
 def arguments(p) -> None:
     p.add_argument("--data")
     p.add_argument("--grads")
-    p.add_argument("--groups", type=int, help="m (default: chosen by within-group density)")
+    p.add_argument("--groups", type=int, help="m (default: the fewest groups whose estimated validation loss is "
+                                              "within one standard error of the best m's)")
     p.add_argument("--out")
 
 

@@ -8,6 +8,7 @@ compares what is there:
     python jobs/bench/ensemble.py --variants ensemble              # m chosen by `sift group`
     python jobs/bench/ensemble.py --variants ensemble-m3,ensemble-m3-boost3
     python jobs/bench/ensemble.py --table                          # the comparison, JSON and a Markdown table
+    python jobs/bench/ensemble.py --choose-m                       # only the suite, store and `sift group`'s m
     python jobs/bench/ensemble.py --model tiny-llama --layers "" --variants qlora,ensemble-m2 --table  # fast
 
 Variants: `qlora` and `lora` (one adapter on all tasks), `ensemble` (`sift group` chooses m),
@@ -129,6 +130,22 @@ def grouping(out: Path, m: int | None) -> tuple[Path, float]:
     return folder, seconds
 
 
+def choose_m(args, out: Path) -> dict:
+    """The grouping `ensemble` trains (OUT/group-auto): which m `sift group` chooses, and each m's
+    criterion, without training anything."""
+    prepare(args, out)
+    folder, seconds = grouping(out, None)
+    report = json.loads((folder / "groups.json").read_text())
+    if not report.get("m_choice"):
+        raise SystemExit(f"{folder} was grouped before each m's criterion was reported: delete it and "
+                         f"{folder}.json and rerun")
+    return {"m": report["m"], "groups": report["groups"], "rule": report["m_choice"]["rule"],
+            "counts": [{k: c[k] for k in ("m", "objective", "excess", "standard_error", "accuracy", "density")} |
+                       {"groups": [[t for t, g in zip(report["tasks"], c["labels"]) if g == k]
+                                   for k in range(c["m"])]} for c in report["m_choice"]["counts"]],
+            "seconds": seconds}
+
+
 def train_variant(args, out: Path, variant: Variant) -> dict:
     prepared = prepare(args, out)
     # One adapter needs the store's anchor only, not its gradients: its time is the suite's.
@@ -216,6 +233,8 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated: qlora, lora, ensemble, ensemble-mK, "
                                                        "ensemble[-mK]-boostN")
     parser.add_argument("--table", action="store_true", help="compare the finished variants with qlora")
+    parser.add_argument("--choose-m", action="store_true", help="only the grouping with m chosen by sift: each m's "
+                                                                "criterion, no training")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="26,27,28,29", help="LoRA layers (empty: all)")
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -233,9 +252,13 @@ def main() -> None:
     args.tasks = args.tasks.split(",")
     out = args.out.resolve()
     variants = [Variant.parse(v) for v in args.variants.split(",") if v]
-    if not variants and not args.table:
-        parser.error("nothing to do: give --variants and/or --table")
+    if not variants and not args.table and not args.choose_m:
+        parser.error("nothing to do: give --variants, --choose-m and/or --table")
     started = False
+    if args.choose_m:
+        start_ray()
+        started = True
+        print(json.dumps(choose_m(args, out), indent=2))
     for variant in variants:
         result_file = out / "results" / f"{variant.name}.json"
         if result_file.is_file():
