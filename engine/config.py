@@ -212,7 +212,7 @@ class GroupConfig(StrictModel):
     data: Uri | None = None
     grads: Uri | None = None
     out: Uri | None = None
-    groups: PositiveInt | None = Field(None, description="m; default: chosen by average within-group density")
+    groups: PositiveInt | None = Field(None, description="m; default: the fewest groups whose estimated validation loss is within one standard error of the lowest")
     max_groups: PositiveInt = Field(6, description="largest m tried when m is not given")
     method: Literal["sdp", "spectral"] = Field("sdp", description="clustering of the affinity before refinement")
     subsets: PositiveInt = Field(100, description="random subsets estimated for the affinity")
