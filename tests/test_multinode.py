@@ -7,7 +7,9 @@ processes this module owns, engine.local_cluster), driven as a user would: `sift
 - a worker node killed mid-run (every process of it, at once): the run completes, every id
   exactly once, vectors equal to the single-node run;
 - a worker node whose view of the output folder differs (its own mount namespace, a tmpfs over
-  the output's parent): the run is refused before any work with one line and exit code 2.
+  the output's parent): the run is refused before any work with one line and exit code 2;
+- such a node joining after that check (a GPU worker, started once the run waits for a GPU, as
+  an autoscaler does): its actor stops the run with the same line before writing anything.
 
 Only the nodes started here are stopped (never `ray stop`), also when a test fails.
 """
@@ -63,10 +65,11 @@ def single_node(tweets, tmp_path_factory, ray_session) -> FeatureStore:
     return store
 
 
-def sift_embed(cluster: LocalCluster, data: Path, out: Path) -> subprocess.Popen:
-    """`sift featurize embed ... --address HEAD` as its own process group (killed if left over)."""
+def sift_embed(cluster: LocalCluster, data: Path, out: Path, *flags: str) -> subprocess.Popen:
+    """`sift featurize embed ... --address HEAD [flags]` as its own process group (killed if left over)."""
     command = [str(SIFT), "featurize", "embed", "--data", str(data), "--out", str(out), "--model", EMBED["model"],
-               "--set", f"shard_rows={SHARD_ROWS}", "--actors", str(EMBED["actors"]), "--address", cluster.address]
+               "--set", f"shard_rows={SHARD_ROWS}", "--actors", str(EMBED["actors"]), "--address", cluster.address,
+               *flags]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | CLIENT_ENV
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -141,25 +144,73 @@ def _private_mounts_work() -> bool:
         return False
 
 
+def blind_wrapper(parent: Path, *flags: str) -> list[str]:
+    """A `ray start` wrapper: the node's processes see an empty tmpfs at `parent` (the driver's
+    files are not there); `flags` are added to its `ray start`."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs sift-blind "$0" && exec "$@" ' + " ".join(flags), str(parent)]
+
+
+def lose(cluster: LocalCluster, node) -> None:
+    """Kill `node` and wait (~3 s) until the head holds it dead: a next run's check asks every
+    node the head holds alive, and one killed a moment ago would give no answer."""
+    cluster.kill(node)
+    deadline = time.monotonic() + 30
+    while node.node_manager_port in cluster.alive_node_ids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def not_shared_line(out: Path, blind: str) -> str:
+    return (f"sift: error: the output folder {out} is not shared by every node of the Ray cluster: {blind} cannot "
+            "read a file the driver wrote there; write to object storage (an s3://bucket/path or gs://bucket/path "
+            "URI) or to a folder on a mount every node shares")
+
+
 @pytest.mark.skipif(not _private_mounts_work(), reason="needs `unshare --mount` (root or user namespaces)")
 def test_an_output_folder_not_every_node_sees_is_refused(cluster, tweets, tmp_path):
     parent = tmp_path / "outputs"
     parent.mkdir()
     out = parent / "store"
-    # This worker's processes see an empty tmpfs at `parent`: the driver's files are not there.
-    blind = cluster.add_worker(1, wrapper=["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                           'mount -t tmpfs sift-blind "$0" && exec "$@"', str(parent)])
+    blind = cluster.add_worker(1, wrapper=blind_wrapper(parent))
     try:
         nodes = len(cluster.alive_node_ids())
         driver = sift_embed(cluster, tweets, out)
         stdout, stderr = finish(driver)
     finally:
-        cluster.kill(blind)
+        lose(cluster, blind)
     assert driver.returncode == 2, stdout + stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("sift: error:")]
-    assert errors == [f"sift: error: the output folder {out} is not shared by every node of the Ray cluster: "
-                      f"1 of {nodes} nodes cannot read a file the driver wrote there; write to object storage "
-                      "(an s3://bucket/path or gs://bucket/path URI) or to a folder on a mount every node shares"
-                      ], stdout + stderr[-3000:]
+    assert errors == [not_shared_line(out, f"1 of {nodes} nodes")], stdout + stderr[-3000:]
     assert not (out / "shards").exists() and not (out / "manifest.json").exists()  # refused before any work
+    assert not [p for p in out.iterdir() if p.name.startswith(PROBE_PREFIX)]
+
+
+@pytest.mark.skipif(not _private_mounts_work(), reason="needs `unshare --mount` (root or user namespaces)")
+def test_a_node_joining_after_the_check_that_does_not_see_the_output_stops_the_run(cluster, tweets, tmp_path):
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    out = parent / "store"
+    # One actor asking for a GPU, which no node has yet: the driver's check passes (every node
+    # alive sees `parent`), the store is prepared, and the run waits until a GPU node joins.
+    driver = sift_embed(cluster, tweets, out, "--actors", "1", "--set", "gpus_per_actor=1")
+    blind = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "manifest.json").is_file() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (out / "manifest.json").is_file(), "the run never started" + (
+            "" if driver.poll() is None else ": " + driver.communicate()[1][-3000:])
+        blind = cluster.add_worker(1, wrapper=blind_wrapper(parent, "--num-gpus", "1"))  # a fake GPU: CPU torch
+        blind_id = cluster.node_id(blind)
+        stdout, stderr = finish(driver)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        if blind is not None:
+            lose(cluster, blind)
+    assert driver.returncode == 2, stdout + stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("sift: error:")]
+    assert errors == [not_shared_line(out, f"node {blind_id}")], stdout + stderr[-3000:]
+    assert not (out / "shards").exists()  # its only actor wrote nothing, here or on its node's tmpfs
     assert not [p for p in out.iterdir() if p.name.startswith(PROBE_PREFIX)]

@@ -4,6 +4,11 @@ The unit of work is a store shard: Ray Data gets one block per missing shard, an
 that shard's rows from the examples file, featurizes them in micro-batches and writes the shard
 itself (so vectors never pass through the driver). A killed actor is restarted by Ray Data and
 its shard redone; an interrupted run leaves finished shards behind, and the rerun does the rest.
+
+A local store on a cluster must be a folder every node shares. The executor checks the nodes
+alive when the stage starts (engine/shared.py); an actor on a node that joined later (an
+autoscaled GPU worker) checks for itself, on start, that it reads the probe the driver keeps in
+the store for the run, and otherwise stops the run with the same one-line error before any work.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
-from engine import runtime, storage
+from engine import runtime, shared, storage
 from engine.config import FeaturizeConfig
 from engine.errors import SiftError
 from engine.features.store import CONFIG, FeatureStore, StoreSpec
@@ -82,22 +87,28 @@ def run(
     if pool.num_gpus and info.gpus < pool.num_gpus * (pool.min_size or pool.size):
         print(f"featurize: waiting for {pool.num_gpus * (pool.min_size or pool.size):g} GPU(s) "
               f"(the cluster has {info.gpus:g} now)")
-    ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        ShardWorker,
-        batch_size=1,
-        fn_constructor_kwargs=dict(featurizer=featurizer, cfg=_absolute_paths(cfg), store=store.root,
-                                   examples=storage.absolute(examples)),
-        **pool.map_batches_kwargs(),
-    )
     started = time.perf_counter()
-    with tqdm(total=len(todo), desc=progress, unit="shard") as bar:
-        for row in ds.iter_rows():
-            stats.rows += int(row["rows"])
-            stats.quarantined += int(row["quarantined"])
-            for reason, count in json.loads(row["reasons"]).items():
-                stats.reasons[reason] = stats.reasons.get(reason, 0) + count
-            bar.update(1)
+    with shared.run_probe(cfg.out) as probe, tqdm(total=len(todo), desc=progress, unit="shard") as bar:
+        ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            ShardWorker,
+            batch_size=1,
+            fn_constructor_kwargs=dict(featurizer=featurizer, cfg=_absolute_paths(cfg), store=store.root,
+                                       examples=storage.absolute(examples), probe=probe),
+            **pool.map_batches_kwargs(),
+        )
+        ds.context.raise_original_map_exception = True  # an actor's SiftError arrives as itself
+        try:
+            for row in ds.iter_rows():
+                stats.rows += int(row["rows"])
+                stats.quarantined += int(row["quarantined"])
+                for reason, count in json.loads(row["reasons"]).items():
+                    stats.reasons[reason] = stats.reasons.get(reason, 0) + count
+                bar.update(1)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, SiftError):  # the run's error: its one line (Ray Data adds lines below it)
+                raise SiftError(str(exc.cause).splitlines()[0]) from None
+            raise
     stats.seconds = time.perf_counter() - started
     return store, stats
 
@@ -113,11 +124,21 @@ def _absolute_paths(cfg: FeaturizeConfig) -> FeaturizeConfig:
 class ShardWorker:
     """Ray Data actor: shard numbers in, written shards and their counts out. It reads its rows
     from and writes its shard to storage every node sees (a local path only on one machine or a
-    shared mount; s3:// or gs:// on a cluster), so vectors never pass through the driver."""
+    shared mount; s3:// or gs:// on a cluster), so vectors never pass through the driver.
 
-    def __init__(self, featurizer: type[Featurizer], cfg: FeaturizeConfig, store: str, examples: str):
+    On start it reads back the driver's probe of a local store (`probe`; None for object
+    storage). An actor whose node cannot (it joined after the driver's check and sees another
+    folder) loads no model and fails its first shard with the shared-output error, before
+    writing anything: raised from the constructor, the error would reach the driver only as the
+    text of Ray's ActorDiedError, while a task's SiftError arrives as itself."""
+
+    def __init__(self, featurizer: type[Featurizer], cfg: FeaturizeConfig, store: str, examples: str,
+                 probe: shared.Probe | None):
         import torch
 
+        self.refused = probe.refusal() if probe is not None else None
+        if self.refused is not None:
+            return
         threads = runtime.assigned_threads()  # the CPUs Ray gave this actor, wherever it landed
         torch.set_num_threads(threads)
         self.store = FeatureStore(store)
@@ -125,6 +146,8 @@ class ShardWorker:
         self.featurizer = featurizer(cfg, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        if self.refused is not None:
+            raise self.refused
         out: dict[str, list] = {"shard": [], "rows": [], "quarantined": [], "reasons": []}
         for k in batch["shard"].tolist():
             start, stop = self.store.shard_range(k)
