@@ -169,7 +169,16 @@ def _train_groups(cfg: EnsembleTrainConfig, anchor_cfg: GradsConfig, data: Path,
         workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, trust_remote_code=anchor_cfg.trust_remote_code, seed=cfg.seed, runtime=cfg.runtime,
     ).model_dump(mode="json") for name, group in zip(names, partition)]
     slots = max(1, cpus // cfg.workers)  # on GPUs Ray queues the worker groups until GPUs free up
-    # The run's driver stays on this node: the adapters it reports are copied from local disk.
+    # Each run's driver task must stay on this node (its Ray Train workers, which hold the CPUs
+    # and GPUs, still go anywhere). It reads and writes this node's disk only:
+    # - its run folder, `out/runs/<group>`: train.json, by which a rerun skips a finished group,
+    #   and the best adapter, copied below. For an OUT on object storage, `out` is the executor's
+    #   local work folder, uploaded by this process after the stage: written from another node,
+    #   the run would be lost (and every group retrained on a rerun);
+    # - its inputs: `data` (and `grads`) are local paths here, the executor's cached copies of
+    #   URIs on this node (groups.json records such paths too), and train_lora reads the rows.
+    # Unpinned, it would need its rows passed in and its folder passed back through the object
+    # store; it holds no CPU or GPU (num_cpus=0), so the pin costs the cluster no capacity.
     here = _train_group.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False))
     pending, running, results, failed = list(zip(names, configs)), {}, {}, {}

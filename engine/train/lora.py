@@ -11,6 +11,10 @@ argmax over each task's labels of the first answer token's log-probability
 (engine/ensemble/labels.py), averaged over tasks; the loss is the training loss. Each epoch is
 checkpointed as a PEFT adapter (safetensors); the best epoch by validation accuracy (then loss)
 is kept in OUT/adapter. A rerun with the same OUT resumes from the last checkpoint.
+
+The workers get their rows and the starting adapter through Ray's object store, not as paths:
+they run on any node, and the paths this process holds may exist on its node only (the
+executor's cached copies of s3:// inputs; Ray Tune's trials get their data the same way).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from engine.features.per_example import AnswerScore
 ADAPTER = "adapter"
 
 
-def _rows(cfg: LoraTrainConfig, split: str | None) -> pl.DataFrame:
-    """The rows of the configured tasks in one split (None: every split)."""
+def _rows(cfg: LoraTrainConfig) -> pl.DataFrame:
+    """The rows of the configured tasks, every split."""
     path = examples_path(cfg.data)
     frame = storage.read_parquet(path)
     if cfg.tasks is not None:
@@ -46,7 +50,17 @@ def _rows(cfg: LoraTrainConfig, split: str | None) -> pl.DataFrame:
         if missing:
             raise SiftError(f"task(s) {missing} not in {path}")
         frame = frame.filter(pl.col("task").is_in(cfg.tasks))
-    return frame if split is None else frame.filter(pl.col("split").fill_null("train") == split)
+    return frame
+
+
+def _split(frame: pl.DataFrame, split: str) -> pl.DataFrame:
+    return frame.filter(pl.col("split").fill_null("train") == split)
+
+
+def _folder_files(folder: str | Path) -> dict[str, bytes]:
+    """The files of a (flat) adapter folder, local or remote, by name."""
+    local = storage.local_copy(folder)
+    return {f.name: f.read_bytes() for f in sorted(local.iterdir()) if f.is_file()}
 
 
 @dataclass
@@ -104,9 +118,8 @@ def _evaluate(score: AnswerScore, encoded: list, labelled: list[LabelRows], pad:
     return {"val_loss": total / len(encoded), "val_accuracy": accuracy}
 
 
-def _choices(cfg: LoraTrainConfig) -> dict[str, list[str]]:
+def _choices(frame: pl.DataFrame) -> dict[str, list[str]]:
     """Each task's labels (sorted, the ensemble's class order), from all of its rows."""
-    frame = _rows(cfg, None)
     return {t: sorted(frame.filter(pl.col("task") == t)["label"].drop_nulls().unique().to_list())
             for t in frame["task"].drop_nulls().unique().to_list()}
 
@@ -143,7 +156,9 @@ def _encode_choices(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame,
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker, on any node: its rows (`rows`) and starting adapter's files
+    (`adapter`, or None) come from the object store."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -151,7 +166,13 @@ def train_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
-    tokenizer, model = anchor_model(cfg)
+    with tempfile.TemporaryDirectory() as folder:  # the starting adapter, for PEFT, which reads from disk
+        adapter = None
+        if config["adapter"] is not None:
+            adapter = folder
+            for name, content in ray.get(config["adapter"]).items():
+                (Path(folder) / name).write_bytes(content)
+        tokenizer, model = anchor_model(cfg.model_copy(update={"adapter": adapter}))
     if cfg.quantize == "none":  # a 4-bit base is placed on the GPU as it loads
         model = model.to(ray.train.torch.get_device())
     start_epoch = 0
@@ -164,13 +185,14 @@ def train_loop(config: dict) -> None:
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER / "adapter_model.safetensors")))
             start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
     score = AnswerScore(model)
-    choices = _choices(cfg)
-    every = _encode(tokenizer, cfg, _rows(cfg, "train"), choices)
+    frame = ray.get(config["rows"])
+    choices = _choices(frame)
+    every = _encode(tokenizer, cfg, _split(frame, "train"), choices)
     if not every:
         raise SiftError(f"no training row of tasks {cfg.tasks or 'all'} can be encoded (no label, or an answer "
                         f"longer than max_length {cfg.max_length})")
     train = every[rank::world]
-    validation_rows = _rows(cfg, "validation")
+    validation_rows = _split(frame, "validation")
     validation = _encode(tokenizer, cfg, validation_rows, choices)
     labelled = label_rows(tokenizer, cfg, validation_rows, choices) if cfg.objective != "lm" else []
     trained = ray.train.torch.prepare_model(score) if world > 1 else score
@@ -215,14 +237,16 @@ def scaling_config(workers: int, gpus_per_worker: float, cpus_now: float):
 def train_lora(cfg: LoraTrainConfig) -> dict:
     if cfg.data is None or cfg.out is None or cfg.model is None:
         raise SiftError("train-lora needs --data, --model and --out")
-    if not _rows(cfg, "train").height:
+    frame = _rows(cfg)
+    if not _split(frame, "train").height:
         raise SiftError(f"no training rows for tasks {cfg.tasks or 'all'} in {cfg.data}")
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    # Ray Train workers do not run in this directory: hand them absolute paths.
-    cfg = cfg.model_copy(update={"data": Path(cfg.data).resolve(),
-                                 "adapter": Path(cfg.adapter).resolve() if cfg.adapter else None})
+    # Absolute: the fingerprint (and so the resumed Ray Train run) does not depend on the directory.
+    cfg = cfg.model_copy(update={"data": storage.absolute(cfg.data),
+                                 "adapter": storage.absolute(cfg.adapter) if cfg.adapter else None})
     info = runtime.start(cfg.runtime)
     out = Path(cfg.out).resolve()
     finished = out / "train.json"
@@ -239,7 +263,8 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     # max_failures times) resumes from the last epoch's checkpoint, on whichever node it lands.
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "rows": ray.put(frame),
+                           "adapter": ray.put(_folder_files(cfg.adapter)) if cfg.adapter else None},
         scaling_config=scaling,
         run_config=RunConfig(name=f"train-lora-{_fingerprint(cfg)}",
                              **runtime.run_storage(cfg.runtime, out, "ray").run_config_kwargs(),
