@@ -208,7 +208,7 @@ def _run_with_storage(stage, cfg, out: str | None, fp: str):
     if remote_out and not stage.native_storage:
         storage.upload(work, out)
         shutil.rmtree(work, ignore_errors=True)
-        if "out" in result.model_fields:  # the result names where its output is, not the work folder
+        if "out" in type(result).model_fields:  # the result names where its output is, not the work folder
             result = result.model_copy(update={"out": out})
     return result
 

@@ -122,35 +122,6 @@ def test_pool_passes_shard_by_shard_give_the_same_outputs(tmp_path, ray_session,
     assert scores["rank"].to_list() == list(range(1, 2898)) and scores["score"].is_sorted(descending=True)
 
 
-def test_a_pool_of_many_shards_maps_a_bounded_number_of_them(tmp_path, monkeypatch):
-    """A local store mapped every shard when read: 100M rows in 1,024-row shards are 97,657 maps,
-    over Linux's default limit of 65,530 per process. Shards are now mapped as they are read, at
-    most MAX_MAPS at once, and read the same."""
-    from engine.features import store as module
-    from engine.features.store import StoreSpec
-
-    spec = StoreSpec(kind="embeddings", fingerprint={"source": "many-shards"}, dim=8, dtype="float32", seed=None,
-                     rows=1200, shard_rows=4)
-    written = FeatureStore.prepare(tmp_path / "store", spec)
-    vectors = np.random.default_rng(12).normal(size=(1200, 8)).astype(np.float32)
-    for k in range(spec.num_shards):
-        start, stop = written.shard_range(k)
-        written.write_shard(k, pl.DataFrame({"id": [f"p{i}" for i in range(start, stop)]}), vectors[start:stop],
-                            pl.DataFrame(schema={"id": pl.String, "reason": pl.String}))
-    monkeypatch.setattr(module, "MAX_MAPS", 16)
-
-    def maps() -> int:
-        with open("/proc/self/maps") as f:
-            return sum(1 for _ in f)
-
-    before = maps()
-    view = FeatureStore(tmp_path / "store").vectors()
-    picked = view[np.arange(1199, -1, -7)]  # every shard, in reverse
-    whole = np.asarray(view)
-    assert maps() - before < 40  # 300 shards, 16 kept mapped
-    assert np.array_equal(picked, vectors[np.arange(1199, -1, -7)]) and np.array_equal(whole, vectors)
-
-
 def test_a_text_pool_on_s3_reruns_skipping_its_ingest_and_embed(tmp_path, s3_dir, ray_session):
     """Texts on S3 in, every output on S3 (issue 12): select-pool ingests and embeds each side
     through the executor, with done markers under OUT/pool and OUT/target on S3. A rerun after a
