@@ -190,9 +190,13 @@ def fine_tune(trial: dict) -> None:
     curve = [float(torch.nn.functional.softplus(-f).mean()) for f in scores]
     accuracy, macro_f1 = subsets.forward_label_metrics(anchor, rows, trial["labels"])
     moved = anchor.displacement()
-    result = FineTune(trial["seed"], curve[-1], accuracy, macro_f1, steps[1:], curve, [f.tolist() for f in scores],
-                      losses, len(train), time.perf_counter() - started, moved.projected.tolist(), moved.norm)
-    tune.report({"result": json.dumps(asdict(result))})
+    result = json.dumps(asdict(FineTune(trial["seed"], curve[-1], accuracy, macro_f1, steps[1:], curve,
+                                        [f.tolist() for f in scores], losses, len(train),
+                                        time.perf_counter() - started, moved.projected.tolist(), moved.norm)))
+    keep = Path(trial["keep"])
+    if keep.parent.is_dir():  # on the driver's node: kept at once, so a calibration cut short keeps it
+        keep.write_text(result)
+    tune.report({"result": result})
 
 
 def calibrate(cfg: CalibrateConfig, seeds: int = 1) -> dict:
@@ -391,16 +395,16 @@ def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids:
     fixed = {"grads": str(Path(cfg.grads).resolve()), "examples": str(examples), "eval_ids": eval_ids,
              "labels": labels, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
              "eval_every": cfg.eval_every}
-    trials = [{"train_ids": ids, "index": i, "seed": cfg.seed + s} for i, ids in enumerate(train_ids)
-              for s in range(seeds)]
     kept = out / "fine-tunes"
     kept.mkdir(exist_ok=True)
-    path = {id(t): kept / f"{experiment_name('fine-tune', fixed, t['train_ids'], t['seed'])}.json" for t in trials}
+    trials = [{"train_ids": ids, "index": i, "seed": cfg.seed + s,
+               "keep": str(kept / f"{experiment_name('fine-tune', fixed, ids, cfg.seed + s)}.json")}
+              for i, ids in enumerate(train_ids) for s in range(seeds)]
     runs: list[list[FineTune]] = [[] for _ in train_ids]
     missing = []
     for trial in trials:
-        if path[id(trial)].is_file():
-            runs[trial["index"]].append(FineTune(**json.loads(path[id(trial)].read_text())))
+        if Path(trial["keep"]).is_file():
+            runs[trial["index"]].append(FineTune(**json.loads(Path(trial["keep"]).read_text())))
         else:
             missing.append(trial)
     failed: list[FailedTrial] = []
@@ -415,10 +419,9 @@ def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids:
                                       failure_config=tune.FailureConfig(max_failures=cfg.runtime.max_failures)),
         )
         done, failed = finished(tuner.fit(), "calibration fine-tune")
-        for result in done:
-            trial = next(t for t in missing if t["index"] == result.config["trial"]["index"]
-                         and t["seed"] == result.config["trial"]["seed"])
-            path[id(trial)].write_text(result.metrics["result"])
+        for result in done:  # kept here too: a trial on another node could not write into OUT
+            trial = result.config["trial"]
+            Path(trial["keep"]).write_text(result.metrics["result"])
             runs[trial["index"]].append(FineTune(**json.loads(result.metrics["result"])))
     runs = [sorted(per_subset, key=lambda r: r.seed) for per_subset in runs]
     return runs, failed, sum(r.seconds for per_subset in runs for r in per_subset)
