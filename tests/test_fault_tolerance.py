@@ -28,6 +28,7 @@ from engine.config import EnsembleTrainConfig, RuntimeConfig
 from engine.errors import SiftError
 from engine.local_cluster import CLIENT_ENV
 from tests.conftest import ROOT
+from tests.test_multinode import blind_wrapper, private_mounts_work
 
 BIN = Path(sys.executable).parent
 
@@ -165,24 +166,40 @@ def _train_worker_pids() -> list[int]:
 
 
 @pytest.fixture
-def cluster():
+def inputs(tmp_path) -> Path:
+    """A folder only the driver sees: the worker nodes see an empty tmpfs there (where mount
+    namespaces are available), as on a cluster whose inputs are the driver's local copies."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def cluster(inputs):
     """A head with no CPUs (the driver and Train's controller only) and two 1-CPU worker nodes."""
     from engine.local_cluster import LocalCluster
 
-    started = LocalCluster(Path(tempfile.mkdtemp(prefix="sift-ft-", dir="/tmp"))).start(workers=2)
+    hidden = blind_wrapper(inputs) if private_mounts_work() else []
+    started = LocalCluster(Path(tempfile.mkdtemp(prefix="sift-ft-", dir="/tmp")))
     try:
+        started.start(workers=0)
+        for _ in range(2):
+            started.add_worker(1, wrapper=hidden, wait=False)
+        started.wait_for_nodes()
         yield started
     finally:
         started.close()
 
 
-def test_ray_train_survives_losing_its_workers_node(cluster, tmp_path, ray_session):
-    assert main(["suite", "--out", str(tmp_path / "suite"), "--per-task", "40",
+def test_ray_train_survives_losing_its_workers_node(cluster, inputs, tmp_path, ray_session):
+    """The workers, on the worker nodes, get their rows from the driver (they may not see its
+    paths); the one whose node is lost restarts on the other from its last checkpoint."""
+    assert main(["suite", "--out", str(inputs / "suite"), "--per-task", "40",
                  "--set", "tasks=[wordnet-animal-plant]"]) == 0
     out = tmp_path / "lora"
     epochs = 3
     driver = subprocess.Popen(
-        [str(BIN / "sift"), "train-lora", "--data", str(tmp_path / "suite"), "--model", "tiny-llama", "--out", str(out),
+        [str(BIN / "sift"), "train-lora", "--data", str(inputs / "suite"), "--model", "tiny-llama", "--out", str(out),
          "--set", f"epochs={epochs}", "--set", "steps_per_epoch=300", "--set", "batch_size=4"],  # epochs of ~8 s
         cwd=ROOT, env={**os.environ, **CLIENT_ENV, "RAY_ADDRESS": cluster.address}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -136,7 +136,7 @@ def test_a_worker_node_lost_mid_run(cluster, tweets, single_node, tmp_path):
     assert_same(store, single_node)
 
 
-def _private_mounts_work() -> bool:
+def private_mounts_work() -> bool:
     try:
         return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
                               capture_output=True, timeout=10).returncode == 0
@@ -166,7 +166,7 @@ def not_shared_line(out: Path, blind: str) -> str:
             "URI) or to a folder on a mount every node shares")
 
 
-@pytest.mark.skipif(not _private_mounts_work(), reason="needs `unshare --mount` (root or user namespaces)")
+@pytest.mark.skipif(not private_mounts_work(), reason="needs `unshare --mount` (root or user namespaces)")
 def test_an_output_folder_not_every_node_sees_is_refused(cluster, tweets, tmp_path):
     parent = tmp_path / "outputs"
     parent.mkdir()
@@ -185,7 +185,7 @@ def test_an_output_folder_not_every_node_sees_is_refused(cluster, tweets, tmp_pa
     assert not [p for p in out.iterdir() if p.name.startswith(PROBE_PREFIX)]
 
 
-@pytest.mark.skipif(not _private_mounts_work(), reason="needs `unshare --mount` (root or user namespaces)")
+@pytest.mark.skipif(not private_mounts_work(), reason="needs `unshare --mount` (root or user namespaces)")
 def test_a_node_joining_after_the_check_that_does_not_see_the_output_stops_the_run(cluster, tweets, tmp_path):
     parent = tmp_path / "outputs"
     parent.mkdir()
