@@ -247,6 +247,8 @@ class CalibrateConfig(StrictModel):
     eval_every: PositiveInt = Field(10, description="steps between points of each fine-tune's target-loss curve")
     batch_size: PositiveInt = 16
     seed: int = 0
+    seeds: PositiveInt = Field(1, description="real fine-tunes of each subset (batch orders seed, seed + 1, ...): "
+                                              "the real loss is their mean, the seeds' own Spearman the ceiling")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

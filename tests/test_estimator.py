@@ -211,7 +211,7 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
 
     again = calibrate(CalibrateConfig(data=str(tmp_path / "suite"), grads=str(tmp_path / "grads"),
                                       target=["wordnet-animal-plant"], out=str(tmp_path / "cal"), subsets=3, steps=6,
-                                      eval_rows=16, lr=3e-3, eval_every=3), seeds=2)
+                                      eval_rows=16, lr=3e-3, eval_every=3, seeds=2))
     assert [c["seed"] for c in again["curves"]] == [0, 1] * 3 and again["seeds"] == 2
     def trained(curve: dict) -> dict:  # a fine-tune's results, not its timing
         return {k: v for k, v in curve.items() if k != "seconds"}

@@ -260,7 +260,7 @@ def main() -> None:
         t = time.perf_counter()
         calibrate(CalibrateConfig(data=str(out / "suite"), grads=str(out / "grads"), target=[args.target],
                                   out=str(out / "calibrate"), subsets=args.calibrate_subsets, steps=args.steps,
-                                  lam=args.lam, lr=args.lr, eval_every=args.eval_every), seeds=args.seeds)
+                                  lam=args.lam, lr=args.lr, eval_every=args.eval_every, seeds=args.seeds))
         timings["calibrate_s"] = round(time.perf_counter() - t, 1)
         calibration = json.loads((out / "calibrate" / "calibration.json").read_text())
         result |= {

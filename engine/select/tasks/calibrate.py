@@ -199,11 +199,10 @@ def fine_tune(trial: dict) -> None:
     tune.report({"result": result})
 
 
-def calibrate(cfg: CalibrateConfig, seeds: int = 1) -> dict:
+def calibrate(cfg: CalibrateConfig) -> dict:
     """calibration.json, calibration.png and rows.parquet under cfg.out; each subset fine-tuned
-    `seeds` times (batch orders cfg.seed, cfg.seed + 1, ...); returns the Calibration as a dict."""
-    if seeds < 1:
-        raise SiftError(f"seeds must be >= 1, got {seeds}")
+    `cfg.seeds` times (batch orders cfg.seed, cfg.seed + 1, ...); returns the Calibration as a dict."""
+    seeds = cfg.seeds
     if cfg.out is None or cfg.data is None or cfg.grads is None or not cfg.target:
         raise SiftError("estimate --calibrate needs --data, --grads, --target and --out")
     out = Path(cfg.out).resolve()
@@ -302,7 +301,7 @@ def calibrate(cfg: CalibrateConfig, seeds: int = 1) -> dict:
         approximation=approximation, lifted_factors=len(anchor.params),
         estimate_seconds=round(estimate_s, 3), label_rows_seconds=round(label_rows_s, 2),
         real_fine_tune_seconds=round(real_s, 1), time_ratio=round(real_s / max(estimate_s, 1e-9), 1),
-        warnings=warnings, config={**cfg.model_dump(mode="json"), "seeds": seeds},
+        warnings=warnings, config=cfg.model_dump(mode="json"),
         failed_fine_tunes=[asdict(f) for f in failed],
     )
     _row_scores(rows["id"], data.f[evaluation], data.f[evaluation] + W @ data.G[evaluation].T, subset_of,
