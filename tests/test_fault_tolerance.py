@@ -211,7 +211,8 @@ def test_ray_train_survives_losing_its_workers_node(cluster, inputs, tmp_path, r
         while not registered and time.monotonic() < deadline and driver.poll() is None:
             registered = list((out / "ray").glob("train-lora-*/checkpoint_manager_snapshot.json"))
             time.sleep(0.1)
-        assert registered, "no checkpoint within 120 s"
+        assert registered, "no checkpoint within 120 s" + (
+            "" if driver.poll() is None else ": " + driver.communicate()[0][-3000:])
         workers = set(_train_worker_pids())
         hosts = [node for node in cluster.nodes if workers & set(node.pids())]
         assert [node.name for node in hosts] in (["worker-1"], ["worker-2"]), hosts  # never the head (0 CPUs)
