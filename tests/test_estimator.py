@@ -193,6 +193,8 @@ def test_calibration_runs_real_fine_tunes_under_ray_tune(tmp_path, ray_session):
     radius = report["measured_radius"]
     assert report["radius"] == f"measured: {radius:g}" and 0 < radius == sorted(report["progress_radius"])[1]
     assert all(r <= u * (1 + 1e-9) for r, u in zip(report["progress_radius"], report["real_projected_update_norm"]))
+    norms = sorted(report["real_projected_update_norm"])  # torch's median: the lower middle value
+    assert report["ranking_radius"] == pytest.approx(norms[(len(norms) - 1) // 2], rel=1e-6)
     assert max(report["estimated_update_norm"]) <= radius * (1 + 2e-3)
     converged = report["variants"][0]
     assert converged["name"] == "converged (no radius)" and min(converged["update_norm"]) > radius
