@@ -155,10 +155,11 @@ class Outcome:
 def fingerprint(stage, cfg) -> str:
     """Hash of the stage's settings and of the digests of its inputs. Input and output paths
     enter by content, not by name, so a finished output copied elsewhere is still finished."""
-    paths = set(stage.inputs) | ({stage.output} if stage.output else set())
+    reads_from = (*stage.inputs, *stage.worker_inputs)
+    paths = set(reads_from) | ({stage.output} if stage.output else set())
     settings = cfg.model_dump(mode="json", exclude=set(stage.ignore) | {"runtime", "force"} | paths)
     reads = {}
-    for field in stage.inputs:
+    for field in reads_from:
         value = getattr(cfg, field)
         reads[field] = [input_digest(v) for v in value] if isinstance(value, list) else input_digest(value)
     return digest(stage.name, settings, reads)

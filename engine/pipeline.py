@@ -86,7 +86,7 @@ def _resolve(cfg: PipelineConfig, stages) -> list[tuple[str, Any, Any]]:
             raise SiftError(f"pipeline step name {name!r} is used twice; give one of them a `name`")
         stage = stages[step.stage]
         config = dict(step.config)
-        for field in stage.inputs:
+        for field in (*stage.inputs, *stage.worker_inputs):
             if field in config:
                 value = config[field]
                 config[field] = [_output_of(v, outputs) for v in value] if isinstance(value, list) \

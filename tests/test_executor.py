@@ -129,6 +129,26 @@ def test_remote_output_uploaded_before_its_marker_and_skipped_on_rerun(s3, tmp_p
     assert storage.read_text(f"{stale}/text.txt") == "a!!"
 
 
+def test_worker_inputs_reach_the_stage_as_given_and_count_in_the_fingerprint(s3, tmp_path):
+    """A model URI that Ray workers load on their own nodes is passed on as the URI (the driver's
+    cached copy exists on its node only), while a change to it still reruns the stage."""
+    seen = []
+
+    def _model(cfg: CopyConfig) -> CopyResult:
+        seen.append(cfg.data)
+        return CopyResult(text=storage.read_text(cfg.data))
+
+    stage = Stage("model", "toy", CopyConfig, CopyResult, _model, lambda r: None, lambda p: None,
+                  worker_inputs=("data",))
+    model = f"{s3}/executor/model.txt"
+    storage.write_text(model, "weights")
+    assert executor.run(stage, CopyConfig(data=model, out=str(tmp_path / "o"))).status == "ran"
+    assert seen == [model]
+    assert executor.run(stage, CopyConfig(data=model, out=str(tmp_path / "o"))).status == "skipped (done)"
+    storage.write_text(model, "other weights")
+    assert executor.run(stage, CopyConfig(data=model, out=str(tmp_path / "o"))).status == "ran"
+
+
 def test_adapter_folders_are_fingerprinted_by_content(tmp_path):
     """A retrained adapter of the same rank has the same file names and sizes: only its bytes
     tell it from the old one, so a gradient store built on the old one is never reused for it."""

@@ -37,6 +37,10 @@ class Stage:
     show: Callable[[Any], None]
     arguments: Callable[[argparse.ArgumentParser], None]  # flags; each flag's dest is a config key
     inputs: tuple[str, ...] = ()  # config fields naming what the stage reads (URIs or built-in names)
+    # Inputs that Ray workers load themselves, on whatever node they run (a model: each node caches
+    # its own copy of a URI): fingerprinted like `inputs`, but passed on as given, never replaced by
+    # the driver's cached local copy, which other nodes do not have.
+    worker_inputs: tuple[str, ...] = ()
     output: str | None = "out"  # the config field naming where it writes; None: nothing to skip on
     ignore: tuple[str, ...] = ()  # settings that change speed, not results: left out of the fingerprint
     native_storage: bool = False  # reads and writes URIs itself (else the executor stages them locally)

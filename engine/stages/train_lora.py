@@ -53,5 +53,5 @@ def arguments(p) -> None:
 
 
 STAGE = Stage("train-lora", "fit one LoRA/QLoRA on tasks with Ray Train (best epoch kept)", LoraTrainConfig,
-              TrainLoraResult, run, show, arguments, inputs=("data", "model", "adapter"),
-              ignore=("workers", "gpus_per_worker"))
+              TrainLoraResult, run, show, arguments, inputs=("data", "adapter"),
+              worker_inputs=("model",), ignore=("workers", "gpus_per_worker"))
