@@ -265,6 +265,10 @@ def test_train_lora_with_ray_train_resumes_and_anchors_features(tmp_path, ray_se
     resumed = train_lora(cfg.model_copy(update={"epochs": 3}))
     assert [m["epoch"] for m in resumed["history"]] == [0, 1, 2]
     assert resumed["history"][:2] == first["history"]  # epochs 0-1 restored, not retrained
+    # AdamW's moments are restored with the adapter: the resumed epoch is the uninterrupted run's
+    fresh = train_lora(cfg.model_copy(update={"epochs": 3, "out": tmp_path / "fresh"}))
+    for key in ("train_loss", "val_loss"):
+        assert resumed["history"][2][key] == pytest.approx(fresh["history"][2][key], rel=1e-4)
     assert (tmp_path / "anchor" / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["featurize", "grads", "--data", str(tmp_path / "suite"), "--out", str(tmp_path / "grads"),
                  "--model", "tiny-llama", "--adapter", str(tmp_path / "anchor" / "adapter"), "--dim", "16"]) == 0

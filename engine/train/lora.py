@@ -39,6 +39,7 @@ from engine.features import answers, objective
 from engine.features.per_example import AnswerScore
 
 ADAPTER = "adapter"
+OPTIMIZER = "optimizer.pt"  # AdamW state in each checkpoint, restored with the adapter
 
 
 def _rows(cfg: LoraTrainConfig) -> pl.DataFrame:
@@ -175,7 +176,7 @@ def train_loop(config: dict) -> None:
         tokenizer, model = anchor_model(cfg.model_copy(update={"adapter": adapter}))
     if cfg.quantize == "none":  # a 4-bit base is placed on the GPU as it loads
         model = model.to(ray.train.torch.get_device())
-    start_epoch = 0
+    start_epoch, optimizer_state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -184,6 +185,9 @@ def train_loop(config: dict) -> None:
 
             set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER / "adapter_model.safetensors")))
             start_epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"] + 1
+            if (Path(folder) / OPTIMIZER).is_file():
+                optimizer_state = torch.load(Path(folder) / OPTIMIZER, map_location=ray.train.torch.get_device(),
+                                             weights_only=True)
     score = AnswerScore(model)
     frame = ray.get(config["rows"])
     choices = _choices(frame)
@@ -197,6 +201,8 @@ def train_loop(config: dict) -> None:
     labelled = label_rows(tokenizer, cfg, validation_rows, choices) if cfg.objective != "lm" else []
     trained = ray.train.torch.prepare_model(score) if world > 1 else score
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    if optimizer_state is not None:  # AdamW's moments too: a resumed run continues as an uninterrupted one would
+        optimizer.load_state_dict(optimizer_state)
     # Every rank takes the same number of steps (DDP all-reduces each one), from the global count.
     steps = cfg.steps_per_epoch or max(1, len(every) // (cfg.batch_size * world))
     pad = tokenizer.pad_token_id
@@ -211,6 +217,7 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 model.save_pretrained(str(Path(folder) / ADAPTER))
+                torch.save(optimizer.state_dict(), Path(folder) / OPTIMIZER)
                 (Path(folder) / "state.json").write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
