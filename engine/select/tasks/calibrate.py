@@ -207,7 +207,6 @@ def fine_tune(trial: dict) -> None:
 def calibrate(cfg: CalibrateConfig) -> dict:
     """calibration.json, calibration.png and rows.parquet under cfg.out; each subset fine-tuned
     `cfg.seeds` times (batch orders cfg.seed, cfg.seed + 1, ...); returns the Calibration as a dict."""
-    seeds = cfg.seeds
     if cfg.out is None or cfg.data is None or cfg.grads is None or not cfg.target:
         raise SiftError("estimate --calibrate needs --data, --grads, --target and --out")
     out = Path(cfg.out).resolve()
@@ -234,7 +233,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     masks = subsets.fit_masks(data, cfg.target, chosen, candidates)
     train_ids = [[i for i, m in zip(data.ids, row.tolist()) if m] for row in masks]
     runs, failed, real_s = _real_fine_tunes(cfg, train_ids, rows["id"].to_list(), labels,
-                                            storage.absolute(data_path), out, seeds)
+                                            storage.absolute(data_path), out)
     kept = [i for i, r in enumerate(runs) if r]  # a subset whose every fine-tune failed has no loss to compare
     if not kept:
         raise SiftError(f"every real fine-tune failed: {failed[0].error}")
@@ -295,7 +294,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         real_macro_f1=[float(np.mean([r.macro_f1 for r in per_subset])) for per_subset in runs],
         mean_squared_relative_error=relative, spearman=_spearman(est.loss.numpy(), real),
         anchor_loss=anchor_loss, constant_mean_squared_relative_error=constant, constant_as_good=constant <= relative,
-        real_loss_spread=float(real.max() - real.min()), seeds=seeds, real_loss_by_seed=by_seed,
+        real_loss_spread=float(real.max() - real.min()), seeds=cfg.seeds, real_loss_by_seed=by_seed,
         seed_spearman=seed_spearman, fine_tunes_lowering_target_loss=lowering,
         estimated_update_norm=W.norm(dim=1).tolist(), fine_tune_subset=subset_of.tolist(),
         real_update_norm=[r.update_norm for r in tunes], real_projected_update_norm=U.norm(dim=1).tolist(),
@@ -386,7 +385,7 @@ def _variant(name: str, data, targets: list[str], chosen: np.ndarray, candidates
 
 
 def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids: list[str],
-                     labels: dict[str, list[str]], examples: Path, out: Path, seeds: int
+                     labels: dict[str, list[str]], examples: Path, out: Path
                      ) -> tuple[list[list[FineTune]], list[FailedTrial], float]:
     """Every subset's real fine-tunes (one per seed) as Ray Tune trials, retried up to
     `runtime.max_failures` times after a lost worker or node: per subset in subset order, its
@@ -405,7 +404,7 @@ def _real_fine_tunes(cfg: CalibrateConfig, train_ids: list[list[str]], eval_ids:
     kept.mkdir(exist_ok=True)
     trials = [{"train_ids": ids, "index": i, "seed": cfg.seed + s,
                "keep": str(kept / f"{experiment_name('fine-tune', fixed, ids, cfg.seed + s)}.json")}
-              for i, ids in enumerate(train_ids) for s in range(seeds)]
+              for i, ids in enumerate(train_ids) for s in range(cfg.seeds)]
     runs: list[list[FineTune]] = [[] for _ in train_ids]
     missing = []
     for trial in trials:
