@@ -116,6 +116,10 @@ class GradsConfig(FeaturizeConfig):
     method: Literal["hooks", "vmap", "loop"] = "hooks"
     prompt: str = Field("{text}\nAnswer:", description="format string over the row's text, task, label")
     answer: str = Field(" {label}", description="format string of the gold answer")
+    objective: Literal["answer", "labels"] = Field(
+        "answer", description="the output f whose gradient is stored: answer: the gold answer tokens' log-odds over "
+                              "the vocabulary; labels: the gold label's log-odds among its task's labels (their "
+                              "answers' first tokens; for classification tasks, what the ensemble trains on)")
     batch_size: PositiveInt = 8
     max_length: PositiveInt = 128
     projection_cache_mb: float = Field(2048, gt=0)

@@ -291,3 +291,38 @@ def test_embed_on_s3_resumes_from_finished_shards_after_an_interrupt(tweets_inge
     assert len(ids) == len(set(ids)) == 300
     _same(store, reference)
     assert FeatureStore(s3_dir).config().out == s3_dir  # config.json beside the manifest, on S3
+
+
+def test_labels_objective_records_its_classes_and_the_anchor_scores_as_the_store(tweets_ingest, tmp_path):
+    """objective=labels: the store records each task's label set before any shard, the Anchor
+    rebuilt from the store reads f exactly as the actors wrote it, rows of a task with one label
+    are quarantined with a reason, and labels that share a first token are refused up front.
+    (tiny-llama's tokenizer starts " negative" and " neutral" alike: the tweets are relabelled.)"""
+    from engine.features.grads import LabelTokens
+    from engine.models.anchor import Anchor
+
+    examples = pl.read_parquet(tweets_ingest / "examples.parquet").head(150).with_columns(
+        label=pl.col("label").replace({"negative": "bad", "neutral": "meh", "positive": "good"}))
+    examples = pl.concat([examples, examples.tail(10).with_columns(task=pl.lit("solo"), label=pl.lit("x"),
+                                                                   id=pl.col("id") + "-solo")])
+    examples.write_parquet(tmp_path / "examples.parquet")
+    out = tmp_path / "labels"
+    store, stats = featurize_grads(GradsConfig(data=tmp_path / "examples.parquet", out=out, objective="labels",
+                                               **GRADS))
+    assert storage.read_json(out / "labels.json") == {"solo": ["x"], "tweets": ["bad", "good", "meh"]}
+    assert store.rows().height == 150 and stats.quarantined == 10 and stats.reasons == {
+        "task 'solo' has fewer than two labels (objective=labels scores the gold one among them)": 10}
+    rows = store.rows().head(40)
+    anchor = Anchor(out, threads=1)
+    f = anchor.scores(anchor.encode(rows.select("id").join(examples, on="id", how="left", maintain_order="left")))
+    assert np.allclose(f.numpy(), rows["f"].to_numpy(), atol=1e-4)
+    assert float((f > np.log(1 / 2)).float().mean()) > 0.05  # odds among 3 labels, not over the vocabulary
+    with pytest.raises(SiftError, match=r"task 'twin': labels \['good one', 'good two'\] start with the same token"):
+        LabelTokens.of(anchor.featurizer.tokenizer, " {label}", {"twin": ["good one", "good two"]})
+    examples.with_columns(label=pl.col("label").replace({"bad": "negative", "meh": "neutral"})).write_parquet(
+        tmp_path / "clash.parquet")
+    with pytest.raises(SiftError, match=r"start with the same token: they cannot be scored apart; featurize it "
+                                        r"with objective=answer"):
+        featurize_grads(GradsConfig(data=tmp_path / "clash.parquet", out=tmp_path / "clash", objective="labels",
+                                    **GRADS))
+    assert not (tmp_path / "clash").exists()  # refused before the store was begun

@@ -92,3 +92,36 @@ def test_qlora_hooks_match_the_loop():
     (f1, g1), (f2, g2) = hook_grads(score, batch), loop_grads(score, batch)
     assert _relative(f1, f2) < 1e-4
     assert all(_relative(g1[n], g2[n]) < 1e-4 for n in g1)
+
+
+def _choices(tok):
+    """Prompts with their labels' first tokens, the gold one first (an objective.choice_batch)."""
+    from engine.features import objective
+
+    labels = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("yes", "no", "maybe")]
+    prompts = [tok(p)["input_ids"] for p in ("short one\nAnswer:", "a much longer prompt " * 9 + "\nAnswer:",
+                                             "middle\nAnswer:")]
+    rows = [(prompts[0], [labels[0], labels[1], labels[2]]), (prompts[1], [labels[1], labels[0]]),
+            (prompts[2], [labels[2], labels[0], labels[1]])]
+    return objective.choice_batch(rows, tok.pad_token_id), rows
+
+
+def test_labels_f_is_the_clipped_log_odds_of_the_gold_label_among_its_tasks_labels():
+    """objective=labels: f = log(p / (1 - p)) of the gold label renormalised over the row's labels
+    only (a row with two labels ignores the third token column), and the three gradient methods
+    agree on it."""
+    tok, model = _model(LoraSpec(r=4))
+    batch, rows = _choices(tok)
+    score = AnswerScore(model, "labels")
+    with torch.no_grad():
+        f = score(*batch.tensors())
+        for i, (prompt, choices) in enumerate(rows):
+            logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+            p = logits[choices].softmax(-1)[0].item()
+            p = p - 0.01 if p > 0.9 else (p + 0.01 if p < 0.001 else p)
+            assert f[i].item() == pytest.approx(float(torch.log(torch.tensor(p / (1 - p)))), rel=1e-4, abs=1e-4)
+    f_ref, g_ref = loop_grads(score, batch)
+    for method in ("hooks", "vmap"):
+        f2, g2 = METHODS[method](score, batch)
+        assert _relative(f2, f_ref) < 1e-5, method
+        assert all(_relative(g2[n], g_ref[n]) < 1e-5 for n in g_ref), method

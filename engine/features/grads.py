@@ -26,13 +26,14 @@ from engine import executor, storage
 from engine.config import GradsConfig
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
-from engine.features import answers, runner
-from engine.features.per_example import METHODS, AnswerScore
+from engine.features import answers, objective, runner
+from engine.features.per_example import METHODS, AnswerBatch, AnswerScore
 from engine.features.projection import Projector
 from engine.features.store import FeatureStore, StoreSpec
 from engine.models import builtin, load, lora
 
 PARAMETERS = "parameters.json"
+LABELS = "labels.json"  # objective=labels: each task's label set, the classes f is read over
 PARTNERS = {".lora_A.": ".lora_B.", ".lora_B.": ".lora_A."}
 
 
@@ -110,14 +111,78 @@ def encode_row(tokenizer, cfg, row: dict) -> answers.Encoded | str:
     return answers.encode(tokenizer, cfg.prompt.format(**fields), cfg.answer.format(**fields), cfg.max_length)
 
 
+@dataclass
+class LabelTokens:
+    """For the labels objective: each task's labels (sorted: the ensemble's class order) and the
+    first token of each label's answer (cfg.answer), which the label-set probability is read from."""
+
+    labels: dict[str, list[str]]
+    tokens: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, tokenizer, answer: str, labels: dict[str, list[str]]) -> "LabelTokens":
+        """Tasks with one label get no tokens (their rows are quarantined); labels that start with
+        the same token cannot be told apart: an error naming the task."""
+        from engine.ensemble.labels import label_token_ids
+
+        tokens = {}
+        for task, names in labels.items():
+            if len(names) < 2:
+                continue
+            try:
+                tokens[task] = label_token_ids(tokenizer, answer, names)
+            except SiftError as exc:
+                raise SiftError(f"task {task!r}: {exc}") from None
+        return cls(labels, tokens)
+
+    def encode(self, tokenizer, cfg, row: dict) -> objective.Choice | str:
+        """A row's prompt as the ensemble builds it (cut from the left to max_length - 1) and its
+        task's label tokens, the gold one first; or a reason."""
+        from engine.ensemble.labels import prompt_ids
+
+        task, label = row.get("task") or "", row.get("label")
+        if label is None:
+            return "missing label (gradient features need an answer)"
+        if task not in self.tokens:
+            return f"task {task!r} has fewer than two labels (objective=labels scores the gold one among them)"
+        names = self.labels[task]
+        if label not in names:
+            return f"label {label!r} is not among task {task!r}'s labels"
+        if not row["text"]:
+            return "empty text"
+        ids, gold = self.tokens[task], names.index(label)
+        return prompt_ids(tokenizer, cfg, row["text"], task), [ids[gold], *ids[:gold], *ids[gold + 1:]]
+
+
+def label_sets(examples: str | Path) -> dict[str, list[str]]:
+    """Each task's labels in the examples (every split), sorted."""
+    frame = storage.read_parquet(examples, columns=["task", "label"]).drop_nulls()
+    return {t: sorted(frame.filter(pl.col("task") == t)["label"].unique().to_list())
+            for t in sorted(frame["task"].unique().to_list())}
+
+
+def store_labels(cfg: GradsConfig, store: str | Path | None = None) -> dict[str, list[str]]:
+    """The label sets a labels-objective store was taken with: its labels.json (written by
+    `featurize_grads` before any shard), else those of cfg.data."""
+    store = store if store is not None else cfg.out
+    if store is not None and storage.is_file(storage.join(store, LABELS)):
+        return storage.read_json(storage.join(store, LABELS))
+    return label_sets(examples_path(cfg.data))
+
+
 class GradFeaturizer:
-    def __init__(self, cfg: GradsConfig, threads: int):
+    """f and its projected gradient per row. `store`: where the store's records are (default
+    cfg.out; `Anchor` passes the store it was opened on)."""
+
+    def __init__(self, cfg: GradsConfig, threads: int, store: str | Path | None = None):
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer, model = anchor_model(cfg)
         if cfg.quantize == "none":
             model = model.to(self.device)
-        self.score = AnswerScore(model)
+        self.score = AnswerScore(model, cfg.objective)
+        self.labels = (LabelTokens.of(self.tokenizer, cfg.answer, store_labels(cfg, store))
+                       if cfg.objective == "labels" else None)
         self.method = METHODS[cfg.method]
         # Factors with no gradient at the anchor are frozen: they are neither projected nor lifted.
         live = live_factors(model)
@@ -132,8 +197,13 @@ class GradFeaturizer:
             self.factors.record(cfg.out)
         self.projector = Projector(self.factors.projected, cfg.dim, cfg.seed, cfg.projection_cache_mb, self.device)
 
-    def encode(self, row: dict) -> answers.Encoded | str:
+    def encode(self, row: dict) -> answers.Encoded | objective.Choice | str:
+        if self.labels is not None:
+            return self.labels.encode(self.tokenizer, self.cfg, row)
         return encode_row(self.tokenizer, self.cfg, row)
+
+    def collate(self, encoded: list) -> AnswerBatch:
+        return objective.collate(encoded, self.tokenizer.pad_token_id, self.cfg.objective)
 
     def __call__(self, frame: pl.DataFrame) -> runner.Featurized:
         n = frame.height
@@ -149,7 +219,7 @@ class GradFeaturizer:
         order = sorted(encoded, key=lambda i: len(encoded[i][0]))
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = order[start:start + self.cfg.batch_size]
-            batch = answers.collate([encoded[i] for i in chunk], self.tokenizer.pad_token_id).to(self.device)
+            batch = self.collate([encoded[i] for i in chunk]).to(self.device)
             f, grads = self.method(self.score, batch)
             vectors[chunk] = self.projector.project(grads).cpu().numpy()
             f_values[chunk] = f.float().cpu().numpy()
@@ -178,4 +248,14 @@ def spec_for(cfg: GradsConfig):
 
 def featurize_grads(cfg: GradsConfig) -> tuple[FeatureStore, runner.RunStats]:
     spec, examples = spec_for(cfg)
-    return runner.run(cfg, spec, GradFeaturizer, examples, progress="grads")
+    records = {}
+    if cfg.objective == "labels":
+        # Recorded before any shard, so every actor (and later the Anchor) reads the same classes;
+        # checked here first, so a task whose labels cannot be told apart fails before the run.
+        labels = label_sets(examples)
+        try:
+            LabelTokens.of(load.load_tokenizer(builtin.resolve(cfg.model), cfg.trust_remote_code), cfg.answer, labels)
+        except SiftError as exc:
+            raise SiftError(f"{exc}; featurize it with objective=answer") from None
+        records[LABELS] = labels
+    return runner.run(cfg, spec, GradFeaturizer, examples, progress="grads", records=records)

@@ -55,11 +55,11 @@ def loss(module, batch: AnswerBatch, objective: str = "answer") -> torch.Tensor:
     return (-(logp * valid).sum(-1) / valid.sum(-1).clamp_min(1)).mean()
 
 
-def score(module, encoded: list[answers.Encoded], pad: int, batch: int = 32) -> torch.Tensor:
-    """f of every encoded row, without gradients."""
+def score(module, encoded: list, pad: int, batch: int = 32, objective: str = "answer") -> torch.Tensor:
+    """f of every encoded row (`collate`'s kind for the objective), without gradients."""
     with torch.no_grad():
         device = next(module.parameters()).device
-        return torch.cat([module(*answers.collate(encoded[i:i + batch], pad).to(device).tensors()).cpu()
+        return torch.cat([module(*collate(encoded[i:i + batch], pad, objective).to(device).tensors()).cpu()
                           for i in range(0, len(encoded), batch)])
 
 

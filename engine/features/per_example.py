@@ -1,8 +1,11 @@
 """Per-example gradients of the answer score f w.r.t. LoRA parameters: three ways, one answer.
 
-`f` is the method's output function (docs/ALGORITHMS.md section 2): the mean over answer tokens of
-the clipped logit-odds of the gold token, computed at the answer positions only (the LM head
-never sees the prompt positions).
+`f` is the method's output function (docs/ALGORITHMS.md section 2), computed at the answer
+positions only (the LM head never sees the prompt positions), by the store's objective:
+`answer`, the mean over answer tokens of the clipped logit-odds of the gold token over the whole
+vocabulary; `labels`, the clipped logit-odds of the gold label among its task's labels (their
+answers' first tokens at the prompt's last position, an `objective.choice_batch`), so that
+softplus(-f) is the label-set cross-entropy the ensemble's adapters train on and are judged by.
 
 - `hooks` (default): one batched forward and one backward. A LoRA factor is a bias-free Linear
   y = x W^T, so example b's gradient is sum_t dy[b,t]^T x[b,t]: forward hooks keep each factor's
@@ -61,11 +64,12 @@ def clipped_logit_odds(logp: torch.Tensor) -> torch.Tensor:
 
 
 class AnswerScore(nn.Module):
-    """f for a batch of examples, from a PEFT-wrapped causal LM."""
+    """f for a batch of examples, from a PEFT-wrapped causal LM, by `objective` (answer or labels)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective: str = "answer"):
         super().__init__()
         self.model = model
+        self.objective = objective
 
     def forward(self, input_ids, attention_mask, answer_pos, answer_ids, answer_valid,
                 per_token: bool = False) -> torch.Tensor:
@@ -81,6 +85,8 @@ class AnswerScore(nn.Module):
         logp = logits.log_softmax(-1).gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
         if per_token:
             return logp
+        if self.objective == "labels":  # the gold label (column 0) renormalised over the task's labels
+            return clipped_logit_odds(logp.masked_fill(answer_valid == 0, float("-inf")).log_softmax(-1)[:, 0])
         valid = answer_valid.to(logp.dtype)
         return (clipped_logit_odds(logp) * valid).sum(-1) / valid.sum(-1).clamp_min(1)
 

@@ -64,9 +64,11 @@ def run(
     featurizer: type[Featurizer],
     examples: str | Path,
     progress: str,
+    records: dict[str, Any] | None = None,
 ) -> tuple[FeatureStore, RunStats]:
     """Fill the store at cfg.out (a local folder or a URI) with `featurizer` over `examples`,
-    skipping finished shards."""
+    skipping finished shards. `records`: JSON files (name -> value) the featurizers read, written
+    beside the config once the store is known to match the spec."""
     import ray
     from tqdm.auto import tqdm
 
@@ -76,6 +78,8 @@ def run(
     # The full request, so later stages can rebuild the anchor (model, LoRA, projection) exactly,
     # from any working directory (Ray Tune and Train workers run elsewhere): paths made absolute.
     storage.write_text(store.path(CONFIG), _absolute_paths(cfg).model_dump_json(indent=2, exclude={"runtime"}))
+    for name, value in (records or {}).items():
+        storage.write_json(store.path(name), value)
     todo = store.missing_shards()
     stats = RunStats(shards_total=spec.num_shards, shards_done_before=spec.num_shards - len(todo))
     if not todo:

@@ -39,14 +39,14 @@ class Anchor:
         Factors.read(grads)  # a store from before the record is refused, not lifted onto every factor
         # The featurizer checks its own live factors against the store's record.
         self.featurizer = GradFeaturizer(GradsConfig.model_validate_json(storage.read_text(path)),
-                                         threads=threads or torch.get_num_threads())
+                                         threads=threads or torch.get_num_threads(), store=grads)
         model = self.featurizer.score.model
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
         self.theta = {n: p.detach().clone() for n, p in self.lora.items()}
 
-    def encode(self, frame: pl.DataFrame) -> list[answers.Encoded]:
-        """Token ids of every row that has an answer (rows without one are skipped)."""
+    def encode(self, frame: pl.DataFrame) -> list[answers.Encoded | objective.Choice]:
+        """Every row that has an answer, encoded for the store's objective (rows without one are skipped)."""
         encoded = [self.featurizer.encode(row) for row in frame.iter_rows(named=True)]
         return [e for e in encoded if not isinstance(e, str)]
 
@@ -54,8 +54,13 @@ class Anchor:
     def pad(self) -> int:
         return self.featurizer.tokenizer.pad_token_id
 
-    def scores(self, encoded: list[answers.Encoded], batch: int = 32) -> torch.Tensor:
-        return objective.score(self.featurizer.score, encoded, self.pad, batch)
+    @property
+    def objective(self) -> str:
+        """The store's objective: what f is (per_example), and the loss a real fine-tune trains on."""
+        return self.featurizer.cfg.objective
+
+    def scores(self, encoded: list, batch: int = 32) -> torch.Tensor:
+        return objective.score(self.featurizer.score, encoded, self.pad, batch, self.objective)
 
     def load(self, w: torch.Tensor) -> float:
         """Set the LoRA weights to theta* + P w (projected factors only); returns |P w|."""

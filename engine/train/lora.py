@@ -34,7 +34,7 @@ from engine.config import LoraTrainConfig
 from engine.data.ingest import examples_path
 from engine.ensemble import labels as label_scores
 from engine.errors import SiftError
-from engine.features.grads import anchor_model, encode_row
+from engine.features.grads import LabelTokens, anchor_model, encode_row
 from engine.features import answers, objective
 from engine.features.per_example import AnswerScore
 
@@ -138,22 +138,14 @@ def _encode(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame, choices: dict[
 
 def _encode_choices(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame,
                     choices: dict[str, list[str]]) -> list[objective.Choice]:
-    """Per labelled row, its prompt as the ensemble builds it (labels.prompt_ids: cut from the
-    left to max_length - 1) and its task's label tokens, the gold one first."""
-    tokens = {}
-    for task in sorted(set(frame["task"].drop_nulls())):
-        try:
-            tokens[task] = label_scores.label_token_ids(tokenizer, cfg.answer, choices[task])
-        except SiftError as exc:
-            raise SiftError(f"task {task!r}: {exc}; train it with objective=answer") from None
-    out = []
-    for row in frame.filter(pl.col("label").is_not_null() & (pl.col("text") != "")).iter_rows(named=True):
-        ids = tokens[row["task"]]
-        gold = choices[row["task"]].index(row["label"])
-        # prompt_ids reads only .prompt and .max_length, which the training config has too
-        out.append((label_scores.prompt_ids(tokenizer, cfg, row["text"], row["task"]),
-                    [ids[gold], *ids[:gold], *ids[gold + 1:]]))
-    return out
+    """Per labelled row, its prompt as the ensemble builds it and its task's label tokens, the
+    gold one first (`LabelTokens.encode`, as a labels-objective gradient store encodes it)."""
+    try:
+        labels = LabelTokens.of(tokenizer, cfg.answer, {t: choices[t] for t in set(frame["task"].drop_nulls())})
+    except SiftError as exc:
+        raise SiftError(f"{exc}; train it with objective=answer") from None
+    encoded = (labels.encode(tokenizer, cfg, row) for row in frame.iter_rows(named=True))
+    return [e for e in encoded if not isinstance(e, str)]
 
 
 def train_loop(config: dict) -> None:

@@ -5,11 +5,12 @@
     the first-order f*_i + c g_i . w: r_i = |f*_i + c g_i.w - f_i| / max(|f_i|, |f*_i|), with and
     without the gradient term.
 (b) Real fine-tunes: random subsets are fine-tuned for real as parallel Ray Tune trials: LoRA from
-    the anchor, cross-entropy on the answer tokens (the training loss of every sift fine-tune), on
-    exactly the training rows the estimator fitted. Each records the target loss every
+    the anchor, on exactly the training rows the estimator fitted, with the cross-entropy of the
+    store's objective (answer: the answer tokens, the loss of every sift fine-tune; labels: the
+    gold label among its task's labels, the ensemble adapters' loss). Each records the target loss every
     `eval_every` steps (calibration.json and the right panel of calibration.png show the curves,
     so a run whose fine-tunes do not lower the target loss is seen at once). The loss compared with
-    the estimate is the estimator's own: softplus(-f) of the gold answer on the target's
+    the estimate is the estimator's own: softplus(-f) of the gold answer (or label) on the target's
     validation rows; accuracy and macro-F1 are the argmax over the task's labels, for the
     estimate and the fine-tunes alike. With `seeds` > 1 each subset is fine-tuned once per batch
     order and its real loss is their mean: one fine-tune's target loss moves by about as much
@@ -189,7 +190,8 @@ def fine_tune(trial: dict) -> None:
     steps, scores, losses = [0], [], []
     while steps[-1] < trial["steps"]:
         k = min(trial["eval_every"], trial["steps"] - steps[-1])
-        losses += objective.train_steps(module, optimizer, train, k, trial["batch_size"], anchor.pad, rng)
+        losses += objective.train_steps(module, optimizer, train, k, trial["batch_size"], anchor.pad, rng,
+                                        anchor.objective)
         steps.append(steps[-1] + k)
         scores.append(anchor.scores(evaluation).double())
     curve = [float(torch.nn.functional.softplus(-f).mean()) for f in scores]
