@@ -43,6 +43,7 @@ for _key, _value in ENV_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
 import ray  # noqa: E402  (must follow the environment defaults above)
+from ray._private import ray_constants  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 
@@ -74,6 +75,10 @@ def start(cfg: RuntimeConfig | None = None) -> RayInfo:
             except ConnectionError as exc:
                 raise SiftError(f"cannot reach the Ray cluster at {address}: {exc}") from None
         else:
+            # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (ENV_DEFAULTS) once, when it is first
+            # imported: in a program that imported ray before this module its daemons bound every
+            # interface ("::"). Its value decides whether the node stays on loopback.
+            ray_constants.ENABLE_RAY_CLUSTER = False
             # address="local": always a new Ray of our own. Without it ray.init() joins the last
             # cluster started on this machine (/tmp/ray/ray_current_cluster), live or dead.
             ray.init(

@@ -15,15 +15,32 @@ from engine.errors import SiftError
 RAY_DAEMONS = ("gcs_server", "raylet")
 
 
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+LISTENING = (  # the addresses this process's own Ray daemons listen on (not other Rays on the machine)
+    "sorted({c.laddr.ip for p in psutil.Process().children(recursive=True) if p.name() in ('gcs_server', 'raylet') "
+    "for c in p.net_connections(kind='inet') if c.status == psutil.CONN_LISTEN})")
+
+
 def test_embedded_ray_listens_on_loopback_only(ray_session):
     assert ray_session.mode == "embedded"
     assert ray_session.address.startswith("127.0.0.1:")
     assert ray_session.cpus == 2
-    daemons = [p for p in psutil.process_iter(["name"]) if p.info["name"] in RAY_DAEMONS]
-    assert {p.info["name"] for p in daemons} == set(RAY_DAEMONS)
-    listening = [c.laddr.ip for p in daemons for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    daemons = [p for p in psutil.Process().children(recursive=True) if p.name() in RAY_DAEMONS]
+    assert {p.name() for p in daemons} == set(RAY_DAEMONS)
+    listening = eval(LISTENING)
     assert listening, "Ray daemons listen on no port?"
-    assert set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+    assert set(listening) <= LOOPBACK, listening
+
+
+def test_loopback_also_when_the_program_imported_ray_first():
+    """Ray reads the setting that keeps a node on loopback when it is imported: a script that
+    imports ray before sift got daemons listening on every interface ('::')."""
+    code = f"import ray, psutil\nfrom engine import runtime\nruntime.start()\nprint({LISTENING})\n"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    listening = eval(done.stdout.strip().splitlines()[-1])
+    assert listening and set(listening) <= LOOPBACK, listening
 
 
 def test_start_and_stop_in_a_fresh_process():

@@ -119,7 +119,8 @@ def prepare(args, out: Path) -> dict[str, float]:
                 "--set", f"tasks=[{', '.join(args.tasks)}]", "--set", f"test={args.test}")),
             "grads": timed(out / "grads.json", lambda: run(
                 "featurize", "grads", "--data", str(out / "suite"), "--out", str(out / "grads"), "--model", args.model,
-                "--dim", str(args.dim), "--set", f"lora.layers={layers}", "--set", f"max_length={args.max_length}"))}
+                "--dim", str(args.dim), "--set", f"lora.layers={layers}", "--set", f"max_length={args.max_length}",
+                "--set", f"objective={args.objective}"))}
 
 
 def grouping(out: Path, m: int | None) -> tuple[Path, float]:
@@ -242,6 +243,8 @@ def main() -> None:
     parser.add_argument("--test", type=float, default=0.3, help="share of each task's rows in the test split "
                                                                 "(validation: 0.2, train: the rest)")
     parser.add_argument("--dim", type=int, default=64, help="projection dimension of the gradient store")
+    parser.add_argument("--objective", choices=["answer", "labels"], default="labels",
+                        help="the gradient store's f (featurize grads' objective)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--radius", type=float, help="select-tasks' fit.radius (e.g. a calibration's "
                                                      "measured_radius); default: the converged fit")
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--objective", choices=["answer", "labels"], default="labels",
+                        help="the gradient store's f (featurize grads' objective)")
     parser.add_argument("--anchor", choices=["fresh", "meta"], default="meta",
                         help="meta: first train one LoRA on every task (train-lora), take gradients there")
     parser.add_argument("--anchor-adapter", type=Path, help="a meta anchor trained before (skips train-lora)")
@@ -221,14 +223,15 @@ def main() -> None:
     step("suite", out / "suite" / "summary.json", build_suite, out / "suite", args.per_task, args.target,
          args.target_rows)
     grads = ["featurize", "grads", "--data", str(out / "suite"), "--out", str(out / "grads"), "--model", args.model,
-             "--max-length", str(args.max_length), "--dim", "400"]
+             "--max-length", str(args.max_length), "--dim", "400", "--set", f"objective={args.objective}"]
     if args.layers:
         grads += ["--layers", args.layers]
     if args.anchor == "meta" and args.anchor_adapter:
         grads += ["--adapter", str(args.anchor_adapter)]
     elif args.anchor == "meta":
         train = ["train-lora", "--data", str(out / "suite"), "--model", args.model, "--out", str(out / "anchor"),
-                 "--epochs", str(args.meta_epochs), "--set", f"max_length={args.max_length}"]
+                 "--epochs", str(args.meta_epochs), "--set", f"max_length={args.max_length}",
+                 "--set", f"objective={args.objective}"]  # the anchor learns the loss the store's f scores
         if args.layers:
             train += ["--set", f"lora.layers=[{args.layers}]"]
         step("meta_anchor", out / "anchor" / "adapter" / "adapter_model.safetensors", run, *train)
