@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from engine import runtime
-from engine.config import GroupConfig
+from engine import runtime, storage
+from engine.config import GradsConfig, GroupConfig
 from engine.errors import SiftError
 from engine.report import table
 from engine.ensemble import grouping
@@ -95,12 +95,25 @@ def group_tasks(cfg: GroupConfig) -> dict:
         "estimator": {"affinity_fits": cfg.subsets + n, "search_fits": scorer.fits + sum(c.fits for c in candidates),
                       "rows": int(data.G.shape[0]), "dim": int(data.G.shape[1])},
         "seconds": round(time.perf_counter() - started, 3), "config": cfg.model_dump(mode="json"),
+        "warnings": _warnings(cfg),
     }
     (out / "groups.json").write_text(json.dumps(report, indent=2))
     pl.DataFrame({"task": data.tasks, **{t: aff.T[:, i] for i, t in enumerate(data.tasks)}}) \
         .write_parquet(out / "affinity.parquet")
     _plot(aff, best.labels, out / "affinity.png")
     return report
+
+
+def _warnings(cfg: GroupConfig) -> list[str]:
+    """A store of the answer tokens' log-odds over the vocabulary estimates mostly each task's
+    answer format, not the label-set loss `sift train` fits: on the ensemble benchmark it made
+    every pooling look costly (m = 6 of 8 tasks, against m = 3 on a label-set store)."""
+    config = storage.join(cfg.grads, "config.json")
+    if not storage.is_file(config) or GradsConfig.model_validate_json(storage.read_text(config)).objective == "labels":
+        return []
+    return ["the gradient store's f is the answer tokens' log-odds over the vocabulary (objective=answer); "
+            "`sift train` fits the label-set loss: for classification tasks group on a store featurized with "
+            "--set objective=labels"]
 
 
 def _search(cfg: GroupConfig, data: subsets.TaskGradients, aff: grouping.Affinity, starts: dict[str, list[int]],
@@ -178,6 +191,8 @@ def show(report: dict) -> None:
           ["start", "affinity", "objective", "steps", "groups"],
           [(c.start, f"{c.start_affinity:+.4f} -> {c.affinity:+.4f}", f"{c.start_objective:.4f} -> {c.objective:.4f}",
             str(c.steps), _short(report["tasks"], c.labels)) for c in (Candidate(**c) for c in report["candidates"])])
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 def _short(tasks: list[str], labels: list[int]) -> str:
