@@ -282,9 +282,12 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if failed:
         warnings.append(f"{len(failed)} of {len(failed) + len(tunes)} real fine-tunes failed after "
                         f"{cfg.runtime.max_failures} retries and are left out: {failed[0].error}")
-    if lowering < len(tunes):
-        warnings.append(f"{len(tunes) - lowering} of {len(tunes)} real fine-tunes did not lower the target loss: "
-                        "try another lr or more steps")
+    if lowering == 0:
+        warnings.append(f"none of the {len(tunes)} real fine-tunes lowered the target loss: try another lr or "
+                        "more steps")
+    elif lowering < len(tunes):  # a subset of harmful tasks raises it: expected, but worth seeing
+        warnings.append(f"{len(tunes) - lowering} of {len(tunes)} real fine-tunes raised the target loss (their "
+                        "subsets hurt the target, or the lr is too high: see the curves)")
     if constant <= relative:
         warnings.append(f"a constant (the anchor's loss {anchor_loss:.4f}) reaches a relative error of "
                         f"{constant:.4f}, at most the estimator's {relative:.4f}")
