@@ -184,11 +184,17 @@ def test_text_pools_with_every_method(tmp_path, ray_session, tweets_ingest):
     pl.concat([pl.read_parquet(tweets_ingest / "examples.parquet").head(300), wordnet]).write_parquet(pool)
     target = tmp_path / "target.parquet"
     corpora.load("wordnet").sample(50, seed=9).write_parquet(target)
+    # One output folder for every method: the first run ingests and embeds both sides (OUT/pool,
+    # OUT/target), the next ones find those done (the same encoder) and only select; rerunning
+    # them is test_select_pool_inputs'. Each run's own files are removed first, so every method
+    # must write them again.
+    out = tmp_path / "out"
     for method in ("gotd", "knn", "dsir", "random"):
-        report = select_pool(SelectPoolConfig(pool=str(pool), target=str(target), budget=100, method=method,
-                                              out=tmp_path / method))
-        assert report["counts"]["selected"] == 100
-        selected = pl.read_parquet(tmp_path / method / "selected.parquet")
+        for name in ("selected.parquet", "report.json"):
+            (out / name).unlink(missing_ok=True)
+        report = select_pool(SelectPoolConfig(pool=str(pool), target=str(target), budget=100, method=method, out=out))
+        assert report["counts"]["selected"] == 100 and report["method"] == method
+        selected = pl.read_parquet(out / "selected.parquet")
         assert {"id", "text", "task", "rank", "score"} <= set(selected.columns)
         if method != "random":
             assert report["selected_by_task"].get("wordnet", 0) >= 80, (method, report["selected_by_task"])
