@@ -303,6 +303,9 @@ def test_group_reports_both_measures_for_every_start(suite_grads, tmp_path, caps
     shown = " ".join(capsys.readouterr().out.split())  # rich wraps long titles at the console's width
     assert f"within-group affinity {report['affinity']:+.4f}, objective {report['objective']:.4f}" in shown
     assert f"{chosen['start_affinity']:+.4f} -> {chosen['affinity']:+.4f}" in shown
+    # the fixture's store is of the answer tokens (objective=answer); sift train fits the label-set loss
+    assert len(report["warnings"]) == 1 and "--set objective=labels" in report["warnings"][0]
+    assert "warning: the gradient store's f is the answer tokens' log-odds" in shown
 
 
 def test_affinity_needs_training_and_validation_rows():
