@@ -20,7 +20,7 @@ SMALL = {
         {"stage": "select-pool", "config": {"pool": "embed", "target": "sample/target.parquet", "budget": 20}},
         {"stage": "suite", "config": {"tasks": ["wordnet-animal-plant", "fortunes-law-politics",
                                                 "wordnet-person-location"], "per_task": 40, "test": 0.2}},
-        {"stage": "grads", "config": {"data": "suite", "model": "tiny-llama", "dim": 32}},
+        {"stage": "grads", "config": {"data": "suite", "model": "tiny-llama", "dim": 32, "objective": "labels"}},
         {"stage": "select-tasks", "config": {"data": "suite", "grads": "grads", "target": ["wordnet-animal-plant"],
                                              "subsets": 30}},
         {"stage": "group", "config": {"data": "suite", "grads": "grads", "groups": 2, "subsets": 20, "restarts": 1,
@@ -59,6 +59,9 @@ def test_pipeline_end_to_end_on_s3_and_rerun(tmp_path, s3_dir, ray_session, caps
     assert "3 test rows classified over HTTP (peft)" in first
     assert len(storage.read_json(f"{out}/serve/answers.json")) == 3
     assert storage.exists(f"{out}/train/ensemble.json") and storage.exists(f"{out}/train/adapters/group-0")
+    # the label sets of the store, as the demo's: on S3, where select-tasks' and train's Anchor read them
+    assert sorted(storage.read_json(f"{out}/grads/labels.json")) == [
+        "fortunes-law-politics", "wordnet-animal-plant", "wordnet-person-location"]
     assert storage.list_files(f"{out}/train/_checkpoints")  # Ray Train's state on S3, where every node sees it
     assert "Adapter ensemble on test rows" in first
     assert storage.read_text(f"{out}/report.html").count("data:image/png;base64") == 3  # pool, tasks, groups

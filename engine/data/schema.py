@@ -20,6 +20,7 @@ import math
 import re
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 
 COLUMNS = ("id", "text", "task", "label", "split", "meta")
@@ -80,3 +81,10 @@ def _label_text(text: str) -> str:
     if _DECIMAL.fullmatch(text):
         return scalar_text(float(text))
     return text
+
+
+def label_sets(frame: pl.DataFrame) -> dict[str, list[str]]:
+    """Each task's labels in `frame` (every split), sorted: the class order of the ensemble, the
+    estimator's label metrics and the labels objective. A task with no labelled row has none."""
+    grouped = frame.filter(pl.col("task").is_not_null()).group_by("task").agg(pl.col("label").drop_nulls().unique())
+    return {task: sorted(labels) for task, labels in sorted(grouped.iter_rows())}

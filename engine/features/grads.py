@@ -25,6 +25,7 @@ import torch
 from engine import executor, storage
 from engine.config import GradsConfig
 from engine.data.ingest import examples_path
+from engine.data.schema import label_sets
 from engine.errors import SiftError
 from engine.features import answers, objective, runner
 from engine.features.per_example import METHODS, AnswerBatch, AnswerScore
@@ -154,20 +155,13 @@ class LabelTokens:
         return prompt_ids(tokenizer, cfg, row["text"], task), [ids[gold], *ids[:gold], *ids[gold + 1:]]
 
 
-def label_sets(examples: str | Path) -> dict[str, list[str]]:
-    """Each task's labels in the examples (every split), sorted."""
-    frame = storage.read_parquet(examples, columns=["task", "label"]).drop_nulls()
-    return {t: sorted(frame.filter(pl.col("task") == t)["label"].unique().to_list())
-            for t in sorted(frame["task"].unique().to_list())}
-
-
 def store_labels(cfg: GradsConfig, store: str | Path | None = None) -> dict[str, list[str]]:
     """The label sets a labels-objective store was taken with: its labels.json (written by
     `featurize_grads` before any shard), else those of cfg.data."""
     store = store if store is not None else cfg.out
     if store is not None and storage.is_file(storage.join(store, LABELS)):
         return storage.read_json(storage.join(store, LABELS))
-    return label_sets(examples_path(cfg.data))
+    return label_sets(storage.read_parquet(examples_path(cfg.data), columns=["task", "label"]))
 
 
 class GradFeaturizer:
@@ -252,7 +246,7 @@ def featurize_grads(cfg: GradsConfig) -> tuple[FeatureStore, runner.RunStats]:
     if cfg.objective == "labels":
         # Recorded before any shard, so every actor (and later the Anchor) reads the same classes;
         # checked here first, so a task whose labels cannot be told apart fails before the run.
-        labels = label_sets(examples)
+        labels = label_sets(storage.read_parquet(examples, columns=["task", "label"]))
         try:
             LabelTokens.of(load.load_tokenizer(builtin.resolve(cfg.model), cfg.trust_remote_code), cfg.answer, labels)
         except SiftError as exc:

@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from engine import runtime, storage
 from engine.config import EnsembleTrainConfig, GradsConfig, LoraTrainConfig
 from engine.data.ingest import examples_path
+from engine.data.schema import label_sets
 from engine.ensemble import boost, evaluate, flops, manifest as manifest_io, weights as mixture_weights
 from engine.ensemble.model import EnsembleModel
 from engine.errors import SiftError
@@ -101,8 +102,8 @@ def train_ensemble(cfg: EnsembleTrainConfig) -> dict:
 
     all_names = [f"group-{k}" for k in range(len(partition))]
     trained, failed = _train_groups(cfg, anchor_cfg, data, partition, all_names, out, int(info.cpus))
-    labels = {t: sorted(frame.filter(pl.col("task") == t)["label"].drop_nulls().unique().to_list())
-              for g in partition for t in g}
+    sets = label_sets(frame)
+    labels = {t: sets.get(t, []) for g in partition for t in g}
     # A group whose training failed (after its retries) has no adapter; its tasks stay in the
     # ensemble, served by the other groups' adapters with weights fitted like every task's.
     names = [n for n in all_names if n in trained]

@@ -32,6 +32,7 @@ import torch
 from engine import executor, runtime, storage
 from engine.config import LoraTrainConfig
 from engine.data.ingest import examples_path
+from engine.data.schema import label_sets
 from engine.ensemble import labels as label_scores
 from engine.errors import SiftError
 from engine.features.grads import LabelTokens, anchor_model, encode_row
@@ -119,12 +120,6 @@ def _evaluate(score: AnswerScore, encoded: list, labelled: list[LabelRows], pad:
     return {"val_loss": total / len(encoded), "val_accuracy": accuracy}
 
 
-def _choices(frame: pl.DataFrame) -> dict[str, list[str]]:
-    """Each task's labels (sorted, the ensemble's class order), from all of its rows."""
-    return {t: sorted(frame.filter(pl.col("task") == t)["label"].drop_nulls().unique().to_list())
-            for t in frame["task"].drop_nulls().unique().to_list()}
-
-
 def _encode(tokenizer, cfg: LoraTrainConfig, frame: pl.DataFrame, choices: dict[str, list[str]]) -> list:
     """The rows as the objective trains on them (objective.collate's kinds); rows that do not
     fit are left out."""
@@ -182,7 +177,7 @@ def train_loop(config: dict) -> None:
                                              weights_only=True)
     score = AnswerScore(model)
     frame = ray.get(config["rows"])
-    choices = _choices(frame)
+    choices = label_sets(frame)
     every = _encode(tokenizer, cfg, _split(frame, "train"), choices)
     if not every:
         raise SiftError(f"no training row of tasks {cfg.tasks or 'all'} can be encoded (no label, or an answer "

@@ -15,6 +15,7 @@ import polars as pl
 import torch
 
 from engine import storage
+from engine.data import schema
 from engine.data.ingest import examples_path
 from engine.errors import SiftError
 from engine.features.store import FeatureStore
@@ -297,8 +298,8 @@ def target_rows(data: TaskGradients, examples: pl.DataFrame, targets: list[str])
 
 def label_sets(examples: pl.DataFrame, tasks: list[str]) -> dict[str, list[str]]:
     """Each task's label set: the labels of its training and validation rows, sorted."""
-    known = examples.filter(pl.col("task").is_in(tasks) & pl.col("label").is_not_null())
-    return {t: sorted(known.filter(pl.col("task") == t)["label"].unique().to_list()) for t in tasks}
+    known = schema.label_sets(examples.filter(pl.col("task").is_in(tasks)))
+    return {t: known.get(t, []) for t in tasks}
 
 
 def _classes(rows: pl.DataFrame, labels: dict[str, list[str]]) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
