@@ -9,8 +9,8 @@ Prints one JSON object.
 
 Steps (all through the `sift` commands): suite with 4 noisy groups of wordnet-animal-plant (2 with
 shuffled labels) -> [--anchor meta: train-lora on every task, or --anchor-adapter DIR] -> projected
-gradients at the anchor -> select-tasks for the target -> estimate --calibrate (called in-process:
-its seeds are not a CLI setting yet).
+gradients at the anchor -> select-tasks for the target -> estimate --calibrate (called in-process;
+`sift estimate --calibrate --set seeds=K` is the same).
 The noisy-label check passes when both clean groups rank above both shuffled ones. The targets
 (issue 14): mean r^2 at the smallest update <= 0.01 and below the error without the gradient
 term; Spearman >= 0.9 over >= 8 real fine-tunes, beside the constant predictor's relative error;
